@@ -1,0 +1,428 @@
+"""Typed experiment configuration: dataclasses loaded from YAML, with ``key.sub=value`` overrides.
+
+Every number the code uses comes from here. Loading is strict: an unknown key, a value of the wrong
+type, or a value outside its allowed range raises :class:`ConfigError` naming the dotted key, before
+any device work starts.
+
+    cfg = load_config("configs/orz_0p5b.yaml", ["ppo.actor.lr=2e-6", "rollout.temperature=0.7"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArchConfig:
+    """Decoder architecture (Qwen2 / Llama family). For pretrained models these numbers are read
+    from the checkpoint's config.json; a YAML ``model.arch`` block is for random init and for
+    shape-only (``jax.eval_shape``) checks of full-size models."""
+
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    # HF-style rope_scaling dict (e.g. {"rope_type": "llama3", "factor": 8.0, ...}); None = plain RoPE.
+    rope_scaling: Optional[dict] = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True  # q/k/v projections carry a bias (Qwen2: yes, Llama: no)
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face directory (config.json + *.safetensors + tokenizer files), the name of a
+    # bundled model ("smollm2-135m"), "demo" (the built-in demo model, pretrained on first use), or
+    # None for random init from ``arch``.
+    checkpoint: Optional[str] = None
+    arch: Optional[ArchConfig] = None
+    tokenizer: Optional[str] = None  # tokenizer.json / .model path or directory; None: the checkpoint's
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    remat: Literal["none", "full", "dots"] = "none"
+    critic_head_init_std: float = 0.0  # ORZ: the value head starts at (near) zero
+    attention_impl: Literal["xla", "cudnn"] = "xla"
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh. Sizes multiply to the device count; one axis may be -1 ("the rest")."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    driver: Literal["orchestrator", "batched"] = "batched"
+    n_samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_prompt_len: int = 128
+    max_response_len: int = 128
+    prefill_buckets: list[int] = field(default_factory=lambda: [32, 64, 128])
+    max_concurrent_decodes: int = 32  # decode slots in the KV cache
+    stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
+    # Prompts longer than max_prompt_len: drop them (counted), keep their last tokens, or fail.
+    long_prompt: Literal["filter", "left_truncate", "error"] = "filter"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+
+
+@dataclass
+class PPOConfig:
+    advantage_estimator: Literal["gae", "grpo"] = "gae"
+    gamma: float = 1.0
+    lam: float = 1.0
+    normalize_advantages: bool = True  # global mean/std over every valid token of the buffer
+    clip_eps: float = 0.2
+    value_clip: Optional[float] = 0.2  # None: unclipped value loss
+    kl_coef: float = 0.0  # ORZ: no KL; non-zero only for ablations
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    actor: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
+    actor_steps_per_batch: int = 1  # optimizer steps per rollout buffer (ORZ: 1)
+    critic_steps_per_batch: int = 12  # ORZ: 12
+    micro_batch_rows: int = 8  # packed rows per micro-batch (gradient accumulation)
+    pack_len: int = 512  # tokens per packed row
+
+
+@dataclass
+class DataFileConfig:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class SyntheticTaskConfig:
+    """Built-in verifiable arithmetic task (no files needed)."""
+
+    num_train: int = 20000
+    num_eval: int = 200
+    min_ops: int = 1
+    max_ops: int = 2
+    max_operand: int = 20
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "files"] = "synthetic"
+    train_files: list[DataFileConfig] = field(default_factory=list)
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+    prompts_per_iter: int = 8
+    shuffle_seed: int = 0
+    num_epochs: Optional[int] = None  # None: repeat forever
+    on_bad_record: Literal["error", "skip"] = "error"
+    template: Literal["orz", "plain"] = "orz"
+    worker_count: int = 0  # grain worker processes (0: in-process)
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0
+    num_workers: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <experiment.out_dir>/checkpoints
+    save_every: int = 50
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+    export_hf_at_end: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    files: list[str] = field(default_factory=list)  # empty + synthetic data: the synthetic eval split
+    n_samples: int = 1
+    temperature: float = 1.0
+    max_prompts: Optional[int] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    seed: int = 0
+    out_dir: str = "runs/demo"
+    num_iterations: int = 20
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-6' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known keys here: {sorted(names)})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any, cls: type) -> None:
+    """Set ``tree[path] = value``, checking every path element against the dataclass schema."""
+    node, node_cls = tree, cls
+    for i, part in enumerate(path):
+        dotted = ".".join(path[: i + 1])
+        if node_cls is None or not dataclasses.is_dataclass(node_cls):
+            raise ConfigError(f"unknown config key '{dotted}'")
+        fields = {f.name: f for f in dataclasses.fields(node_cls)}
+        if part not in fields:
+            raise ConfigError(f"unknown config key '{dotted}' (known keys here: {sorted(fields)})")
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        hint = typing.get_type_hints(node_cls)[part]
+        sub_cls = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node, node_cls = node[part], sub_cls
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load ``path`` (YAML; None: the built-in defaults), apply overrides, validate, return Config."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _set_path(data, keys, value, Config)
+    try:
+        cfg = _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that need more than the type. Raises ConfigError naming the key."""
+    m = cfg.model
+    if m.arch is not None:
+        a = m.arch
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(getattr(a, name) > 0, f"model.arch.{name}", "must be > 0")
+        _check(a.num_heads % a.num_kv_heads == 0, "model.arch.num_kv_heads",
+               f"num_heads={a.num_heads} must be a multiple of num_kv_heads={a.num_kv_heads}")
+        _check(a.head_dim is not None or a.hidden_size % a.num_heads == 0, "model.arch.head_dim",
+               "hidden_size must divide by num_heads when head_dim is not given")
+    _check(m.checkpoint is not None or m.arch is not None, "model.checkpoint",
+           "set a checkpoint directory (or 'demo' / 'smollm2-135m') or a model.arch block for random init")
+    for axis in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, axis)
+        _check(v == -1 or v >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (the rest), got {v}")
+    _check([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1, "mesh", "at most one axis may be -1")
+
+    r = cfg.rollout
+    _check(r.n_samples_per_prompt >= 1, "rollout.n_samples_per_prompt", "must be >= 1")
+    _check(r.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)")
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _check(r.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = off)")
+    _check(r.max_prompt_len > 0 and r.max_response_len > 0, "rollout.max_response_len", "lengths must be > 0")
+    _check(len(r.prefill_buckets) > 0 and sorted(r.prefill_buckets) == r.prefill_buckets,
+           "rollout.prefill_buckets", "must be a non-empty ascending list")
+    _check(r.prefill_buckets[-1] >= r.max_prompt_len, "rollout.prefill_buckets",
+           f"largest bucket {r.prefill_buckets[-1]} must be >= rollout.max_prompt_len={r.max_prompt_len}")
+    _check(r.max_concurrent_decodes >= 1, "rollout.max_concurrent_decodes", "must be >= 1")
+
+    p = cfg.ppo
+    _check(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+    _check(0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]")
+    _check(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
+    _check(p.value_clip is None or p.value_clip > 0, "ppo.value_clip", "must be > 0 or null")
+    _check(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+    for who in ("actor", "critic"):
+        o = getattr(p, who)
+        _check(o.lr > 0, f"ppo.{who}.lr", "must be > 0")
+        _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"ppo.{who}.b1", "betas must be in [0, 1)")
+        _check(o.grad_clip > 0, f"ppo.{who}.grad_clip", "must be > 0")
+        _check(o.warmup_steps >= 0, f"ppo.{who}.warmup_steps", "must be >= 0")
+    _check(p.actor_steps_per_batch >= 1, "ppo.actor_steps_per_batch", "must be >= 1")
+    _check(p.critic_steps_per_batch >= 0, "ppo.critic_steps_per_batch", "must be >= 0")
+    _check(p.micro_batch_rows >= 1, "ppo.micro_batch_rows", "must be >= 1")
+    _check(p.pack_len >= r.max_prompt_len + r.max_response_len, "ppo.pack_len",
+           f"must hold one whole sample: >= rollout.max_prompt_len + rollout.max_response_len "
+           f"= {r.max_prompt_len + r.max_response_len}, got {p.pack_len}")
+
+    d = cfg.data
+    _check(d.prompts_per_iter >= 1, "data.prompts_per_iter", "must be >= 1")
+    if d.source == "files":
+        _check(len(d.train_files) > 0, "data.train_files", "data.source is 'files' but no train_files are given")
+        for i, f in enumerate(d.train_files):
+            _check(bool(f.path), f"data.train_files[{i}].path", "must be set")
+            _check(f.weight > 0, f"data.train_files[{i}].weight", "must be > 0")
+    s = d.synthetic
+    _check(1 <= s.min_ops <= s.max_ops, "data.synthetic.max_ops", "need 1 <= min_ops <= max_ops")
+    _check(s.max_operand >= 1, "data.synthetic.max_operand", "must be >= 1")
+
+    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    _check(cfg.checkpoint.save_every >= 1, "checkpoint.save_every", "must be >= 1")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
+    _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(cfg.experiment.num_iterations >= 0, "experiment.num_iterations", "must be >= 0")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
