@@ -1,0 +1,285 @@
+"""Qwen2 / Llama-family decoder in Flax NNX: the policy (``CausalLM``) and the critic (``Critic``).
+
+One trunk serves both: token embedding -> N x [RMSNorm -> GQA attention with RoPE -> residual ->
+RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm. Weights are stored in "head-split" layouts
+(``q: [embed, heads, head_dim]``) so that heads shard cleanly; every parameter carries logical axis
+names (``sharding_names``) that ``orz_jax.sharding`` maps to mesh axes.
+
+Two forward modes share the same code:
+* full sequence (training, scoring): ``cache=None``; attention is causal inside each segment of a
+  (possibly packed) row, ``segment_ids == 0`` marks padding;
+* KV cache (prefill / decode): rows are right-padded; new keys/values are written at each row's
+  ``cache.lengths`` and queries attend to everything written so far (see docs/INTERFACES.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from orz_jax.config import ArchConfig
+from orz_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked (padding) rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    """Normal(0, std) parameter annotated with logical axes (sharded later, by the caller's mesh)."""
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype) if std > 0 else \
+        jnp.zeros(shape, dtype)
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def _ones(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    lengths: jax.Array  # [batch] int32: filled positions per row
+
+    @classmethod
+    def init(cls, arch: ArchConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (arch.num_layers, batch, max_len, arch.num_kv_heads, arch.resolved_head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(arch: ArchConfig) -> jax.Array:
+    """Inverse frequencies [head_dim // 2], with the HF ``rope_scaling`` variants we support."""
+    d = arch.resolved_head_dim
+    inv = 1.0 / (arch.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    sc = arch.rope_scaling
+    kind = (sc or {}).get("rope_type", (sc or {}).get("type", "default"))
+    if sc is None or kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(sc["factor"])
+    if kind == "llama3":
+        factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_ctx = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        scaled = jnp.where(wavelen > lo_wavelen, inv / factor, inv)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+        return jnp.where(is_mid, mid, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [batch, seq, heads, head_dim]; positions: [batch, seq]. Half-split (GPT-NeoX / HF) rotation."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype):
+        self.scale = _ones((dim,), ("embed",), param_dtype)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32, cast back, then scale (the order HF uses, which matters in bf16).
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale.value.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        e, h, kvh, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim
+        std = arch.initializer_range
+        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), std, param_dtype)
+        self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), std, param_dtype)
+        self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), std, param_dtype)
+        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), std, param_dtype)
+        if arch.attention_bias:
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), 0.0, param_dtype)
+            self.k_bias = _param(rngs, (kvh, d), ("kv_heads", "head_dim"), 0.0, param_dtype)
+            self.v_bias = _param(rngs, (kvh, d), ("kv_heads", "head_dim"), 0.0, param_dtype)
+        self.has_bias = arch.attention_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.dtype = dtype
+
+    def _proj(self, x, w, b):
+        y = jnp.einsum("bse,ehd->bshd", x, w.value.astype(self.dtype))
+        return y + b.value.astype(self.dtype) if b is not None else y
+
+    def __call__(self, x, positions, segment_ids, inv_freq, layer: int, cache: Optional[KVCache]):
+        """x: [batch, seq, embed] -> ([batch, seq, embed], cache)."""
+        bias = (self.q_bias, self.k_bias, self.v_bias) if self.has_bias else (None, None, None)
+        q = self._proj(x, self.q, bias[0])  # [batch, seq, heads, head_dim]
+        k = self._proj(x, self.k, bias[1])  # [batch, seq, kv_heads, head_dim]
+        v = self._proj(x, self.v, bias[2])
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "act_heads", "head_dim"))
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "act_kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"))
+
+        b, s = x.shape[:2]
+        q_idx = jnp.arange(s)[None, :]  # [1, seq]
+        if cache is None:
+            keys, values = k, v
+            k_idx = q_idx
+            # same non-padding segment, causal by row index: packed samples never see each other
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
+            mask &= k_idx[:, None, :] <= q_idx[:, :, None]  # [batch, q, k]
+        else:
+            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
+            ck = write(cache.k[layer], k.astype(cache.k.dtype), cache.lengths)  # [batch, max_len, kv_heads, head_dim]
+            cv = write(cache.v[layer], v.astype(cache.v.dtype), cache.lengths)
+            cache = cache.replace(k=cache.k.at[layer].set(ck), v=cache.v.at[layer].set(cv))
+            keys, values = ck.astype(self.dtype), cv.astype(self.dtype)
+            k_idx = jnp.arange(cache.max_len)[None, :]
+            q_abs = cache.lengths[:, None] + q_idx  # [batch, seq] absolute index of each query in the row
+            mask = k_idx[:, None, :] <= q_abs[:, :, None]  # [batch, q, max_len]
+
+        g = self.num_heads // self.num_kv_heads
+        qg = q.reshape(b, s, self.num_kv_heads, g, self.head_dim)  # [batch, seq, kv_heads, group, head_dim]
+        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys).astype(jnp.float32) / math.sqrt(self.head_dim)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [batch, kv_heads, group, q, k]
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(b, s, self.num_heads, self.head_dim)
+        y = jnp.einsum("bshd,hde->bse", out, self.o.value.astype(self.dtype))
+        return y, cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        e, m, std = arch.hidden_size, arch.intermediate_size, arch.initializer_range
+        self.gate = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype)
+        self.up = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype)
+        self.down = _param(rngs, (m, e), ("mlp", "embed"), std, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        gate = x @ self.gate.value.astype(self.dtype)  # [batch, seq, mlp]
+        up = x @ self.up.value.astype(self.dtype)
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        return h @ self.down.value.astype(self.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.attn_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+        self.attn = Attention(arch, rngs=rngs, **kw)
+        self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+        self.mlp = MLP(arch, rngs=rngs, **kw)
+
+    def __call__(self, x, positions, segment_ids, inv_freq, layer, cache):
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq, layer, cache)
+        x = constrain(x + h, ("batch", "seq", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        return x, cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """The shared trunk: embeddings, decoder blocks, final norm."""
+
+    def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs):
+        self.arch = arch
+        self.embed = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), arch.initializer_range,
+                            param_dtype)
+        self.layers = nnx.List([Block(arch, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                                for _ in range(arch.num_layers)])
+        self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
+        self.dtype, self.remat = dtype, remat
+
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
+        """tokens, positions, segment_ids: [batch, seq] int32 -> (hidden [batch, seq, embed], cache)."""
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)  # [batch, seq, embed]
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        inv_freq = rope_inv_freq(self.arch)
+        for i, block in enumerate(self.layers):
+            if self.remat != "none":
+                # layer index and cache presence are static; remat recomputes activations in the backward pass
+                fn = nnx.remat(lambda blk, x, p, s, c, i=i: blk(x, p, s, inv_freq, i, c),
+                               policy=_REMAT_POLICIES[self.remat], prevent_cse=True)
+                x, cache = fn(block, x, positions, segment_ids, cache)
+            else:
+                x, cache = block(x, positions, segment_ids, inv_freq, i, cache)
+        if cache is not None:
+            cache = cache.replace(lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
+        return self.final_norm(x), cache
+
+
+class CausalLM(nnx.Module):
+    """Policy: trunk + LM head (tied to the embedding when ``arch.tie_word_embeddings``)."""
+
+    def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs):
+        self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        if not arch.tie_word_embeddings:
+            self.lm_head = _param(rngs, (arch.hidden_size, arch.vocab_size), ("embed", "vocab"),
+                                  arch.initializer_range, param_dtype)
+        self.tied = arch.tie_word_embeddings
+
+    @property
+    def arch(self) -> ArchConfig:
+        return self.transformer.arch
+
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
+        """-> (logits [batch, seq, vocab] float32, cache)."""
+        h, cache = self.transformer(tokens, positions, segment_ids, cache)
+        w = self.transformer.embed.value.T if self.tied else self.lm_head.value  # [embed, vocab]
+        logits = jnp.einsum("bse,ev->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "act_vocab")), cache
+
+
+class Critic(nnx.Module):
+    """Value model: the same trunk + a bias-free scalar head on the last hidden state."""
+
+    def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 head_init_std: float = 0.0, rngs: nnx.Rngs):
+        self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.value_head = _param(rngs, (arch.hidden_size, 1), ("embed", "value"), head_init_std, param_dtype)
+
+    @property
+    def arch(self) -> ArchConfig:
+        return self.transformer.arch
+
+    def __call__(self, tokens, positions, segment_ids):
+        """-> values [batch, seq] float32 (value of the state *after* reading token i)."""
+        h, _ = self.transformer(tokens, positions, segment_ids)
+        return jnp.einsum("bse,eo->bso", h.astype(jnp.float32), self.value_head.value.astype(jnp.float32))[..., 0]
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions restarting at 0 in each segment of a row. segment_ids: [batch, seq] -> [batch, seq]."""
+    s = segment_ids.shape[1]
+    idx = jnp.arange(s)[None, :]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(segment_ids != 0, idx - start_idx, 0).astype(jnp.int32)
