@@ -1,0 +1,47 @@
+"""The prompt a base model sees: a User/Assistant framing that asks for reasoning inside
+``<think> </think>`` and the final answer, as ``\\boxed{...}``, inside ``<answer> </answer>``.
+
+The prompt ends with ``Assistant: <think>``: a base model has no chat template, so the text itself
+opens the reasoning block and the model simply continues it. The reward reads the ``\\boxed{}``
+inside ``<answer>``; the rollout stops at ``</answer>`` (or at a new ``User:`` turn), which is
+``rollout.stop_strings`` in the config, not here.
+
+Two templates (``data.template``):
+
+* ``orz``: the full instruction, for pretrained base models (Qwen2.5).
+* ``plain``: the same framing in a few words. The built-in demo model tokenizes one character per
+  token, and its prompts must fit a small ``rollout.max_prompt_len``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ORZ_TEMPLATE", "PLAIN_TEMPLATE", "TEMPLATES", "format_prompt"]
+
+ORZ_TEMPLATE = (
+    "This is a dialogue between a User and an Assistant. The User poses a problem and the Assistant "
+    "works it out. The Assistant reasons step by step first and only then states the result: the "
+    "reasoning is written between <think> and </think>, and the result between <answer> and "
+    "</answer>, in the form <think> step-by-step reasoning </think> <answer> result </answer>. "
+    "Inside the answer tags the final result is written as \\boxed{...}, "
+    "for example <answer> \\boxed{42} </answer>.\n"
+    "User: {question}\n"
+    "Assistant: <think>"
+)
+
+PLAIN_TEMPLATE = (
+    "User: {question} Think in <think></think>, answer in <answer>\\boxed{}</answer>.\n"
+    "Assistant: <think>"
+)
+
+TEMPLATES = {"orz": ORZ_TEMPLATE, "plain": PLAIN_TEMPLATE}
+
+
+def format_prompt(question: str, template: str = "orz") -> str:
+    """The full prompt text for ``question`` (stripped of surrounding whitespace).
+
+    ``template``: a key of :data:`TEMPLATES` (``data.template``). Plain ``str.replace`` rather than
+    ``str.format``: questions are LaTeX, full of braces.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; expected one of {sorted(TEMPLATES)}")
+    return TEMPLATES[template].replace("{question}", question.strip())
