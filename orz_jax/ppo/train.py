@@ -1,0 +1,357 @@
+"""Jitted PPO updates: train state, optimizer, old log-probs / values, actor and critic steps.
+
+One rollout buffer is one :class:`~orz_jax.ppo.packing.PackedBatch` of ``[rows, pack_len]``. An
+update splits its rows into ``steps_per_batch`` mini-batches (one optimizer step each; ORZ: the
+actor takes 1, the critic 12) and each mini-batch into micro-batches of ``ppo.micro_batch_rows``
+rows whose gradients are summed with ``lax.scan``. Losses are divided by the valid-token count of
+the whole mini-batch, so the accumulated gradient equals the gradient of one big step exactly.
+
+Rows are split *interleaved* (mini-batch ``s`` = rows ``s, s + steps, ...``): with the row axis
+sharded in contiguous blocks over the mesh's batch axes, every mini-batch and micro-batch then stays
+spread evenly over all devices without moving data. The packer shuffles rows, so the mini-batches
+are random subsets of the buffer.
+
+    actor = create_train_state(policy_module, cfg.ppo.actor, mesh)
+    fns = PPOFunctions.build(cfg.ppo, mesh, actor, critic)
+    batch = fns.prepare_batch(actor, critic, batch, response_index, response_mask, rewards, group_ids)
+    actor, actor_metrics = fns.actor_step(actor, batch)
+    critic, critic_metrics = fns.critic_step(critic, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from orz_jax.config import OptimConfig, PPOConfig
+from orz_jax.ppo.advantages import compute_advantages
+from orz_jax.ppo.losses import finalize_metrics, policy_loss, shift_right, token_logprobs, value_loss
+from orz_jax.ppo.packing import PackedBatch, pack_response, unpack_response
+from orz_jax.sharding import logical_to_spec, state_shardings, use_mesh
+
+BATCH_AXES = ("batch", None)  # logical axes of every [rows, pack_len] field
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Model parameters + optimizer state as one pytree. ``graphdef`` is static (part of the jit
+    cache key); ``rest`` holds non-``nnx.Param`` model state, carried along but never optimised."""
+
+    graphdef: Any = flax.struct.field(pytree_node=False)
+    params: Any  # nnx.State of nnx.Param
+    opt_state: Any  # optax state; mirrors params (keeps their sharding metadata)
+    step: jax.Array  # int32 [], optimizer steps taken
+    rest: Any  # nnx.State, usually empty
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and state
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_schedule(o: OptimConfig) -> Callable[[jax.Array], jax.Array]:
+    """Linear warmup then constant. Step ``k`` (0-based) uses lr * min(1, (k + 1) / warmup_steps), so
+    the first update is not a wasted zero-lr step."""
+    if o.warmup_steps == 0:
+        return lambda count: jnp.asarray(o.lr, jnp.float32)
+    return lambda count: o.lr * jnp.minimum(1.0, (count + 1.0) / o.warmup_steps)
+
+
+def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (decoupled weight decay on matrices only, not on biases and
+    norm scales), every figure from ``o``."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(lr_schedule(o), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+    )
+
+
+def train_state_shardings(mesh: Mesh, state: TrainState) -> TrainState:
+    """NamedShardings for every leaf of ``state`` (a concrete or abstract state): params and optimizer
+    moments by their ``sharding_names`` metadata, scalars replicated."""
+    return TrainState(graphdef=state.graphdef, params=state_shardings(mesh, state.params),
+                      opt_state=state_shardings(mesh, state.opt_state),
+                      step=NamedSharding(mesh, PartitionSpec()), rest=state_shardings(mesh, state.rest))
+
+
+def batch_shardings(mesh: Mesh) -> PackedBatch:
+    s = NamedSharding(mesh, logical_to_spec(BATCH_AXES))
+    return PackedBatch(*([s] * len(dataclasses.fields(PackedBatch))))
+
+
+def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None) -> TrainState:
+    """Split ``model`` into a TrainState and initialise the optimizer; with a mesh, every leaf is
+    placed by :func:`train_state_shardings` (the optimizer state is created sharded, never whole)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(o)
+
+    def init(params, rest):
+        return TrainState(graphdef=graphdef, params=params, opt_state=tx.init(params),
+                          step=jnp.zeros((), jnp.int32), rest=rest)
+
+    if mesh is None:
+        return jax.jit(init)(params, rest)
+    shardings = train_state_shardings(mesh, jax.eval_shape(init, params, rest))
+    return jax.jit(init, in_shardings=(shardings.params, shardings.rest), out_shardings=shardings)(params, rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Row splitting
+# ----------------------------------------------------------------------------------------------
+
+
+def split_rows(x: jax.Array, parts: int, mesh: Optional[Mesh]) -> jax.Array:
+    """[rows, ...] -> [parts, rows // parts, ...], part ``p`` = rows p, p + parts, p + 2 * parts, ...
+
+    Interleaving keeps each part evenly spread over the row shards (see the module docstring)."""
+    rows = x.shape[0]
+    y = jnp.swapaxes(x.reshape(rows // parts, parts, *x.shape[1:]), 0, 1)
+    if mesh is not None and mesh.size > 1:
+        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, logical_to_spec((None,) + BATCH_AXES)))
+    return y
+
+
+def merge_rows(y: jax.Array) -> jax.Array:
+    """Inverse of :func:`split_rows`: [parts, rows // parts, ...] -> [rows, ...]."""
+    return jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:])
+
+
+def _check_rows(rows: int, steps: int, micro: int, mesh: Optional[Mesh], what: str) -> int:
+    if rows % steps:
+        raise ValueError(f"{what}: {rows} packed rows do not split into {steps} optimizer steps "
+                         f"(pack with row_multiple=required_row_multiple(cfg, mesh))")
+    mb = rows // steps
+    micro = min(micro, mb)
+    if mb % micro:
+        raise ValueError(f"{what}: a mini-batch of {mb} rows does not split into micro-batches of "
+                         f"ppo.micro_batch_rows={micro} rows")
+    shards = _batch_shards(mesh)
+    if micro % shards:
+        raise ValueError(f"{what}: micro-batches of {micro} rows do not divide over the {shards} batch shards of "
+                         f"the mesh {dict(mesh.shape)}; make ppo.micro_batch_rows a multiple of {shards}")
+    return mb // micro
+
+
+def _batch_shards(mesh: Optional[Mesh]) -> int:
+    if mesh is None:
+        return 1
+    spec = logical_to_spec(("batch",))[0]
+    names = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def required_row_multiple(cfg: PPOConfig, mesh: Optional[Mesh] = None) -> int:
+    """The packer's ``row_multiple``: rows must split into every step count and micro-batch size."""
+    micro = math.lcm(cfg.micro_batch_rows, _batch_shards(mesh))
+    return math.lcm(cfg.actor_steps_per_batch, max(cfg.critic_steps_per_batch, 1)) * micro
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses on a micro-batch
+# ----------------------------------------------------------------------------------------------
+
+
+def actor_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig):
+    """PPO policy loss of one micro-batch ``mb`` ([micro_rows, pack_len] fields) -> (loss, metrics)."""
+    model = nnx.merge(graphdef, params, rest)
+    logits, _ = model(mb.tokens, mb.positions, mb.segment_ids)  # [micro_rows, pack_len, vocab] f32
+    logp, ent = token_logprobs(logits, mb.tokens, with_entropy=True)
+    return policy_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, denom, clip_eps=cfg.clip_eps,
+                       kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy=ent,
+                       entropy_coef=cfg.entropy_coef)
+
+
+def critic_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig):
+    """Value loss of one micro-batch -> (loss, metrics)."""
+    model = nnx.merge(graphdef, params, rest)
+    values = shift_right(model(mb.tokens, mb.positions, mb.segment_ids))  # [micro_rows, pack_len], V(s_t)
+    return value_loss(values, mb.old_values, mb.returns, mb.loss_mask, denom, value_clip=cfg.value_clip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Update
+# ----------------------------------------------------------------------------------------------
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def accumulate_gradients(loss_fn, params, rest, graphdef, minibatch: PackedBatch, n_micro: int,
+                         mesh: Optional[Mesh], cfg: PPOConfig):
+    """Sum of gradients and metrics over ``n_micro`` micro-batches of ``minibatch`` (lax.scan), each
+    loss normalised by the mini-batch's valid-token count. Returns (grads f32, metrics)."""
+    denom = jnp.maximum(jnp.sum(minibatch.loss_mask), 1.0)
+    micro = jax.tree.map(lambda x: split_rows(x, n_micro, mesh), minibatch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(carry, mb):
+        g_acc, m_acc = carry
+        (_, metrics), g = grad_fn(params, rest, graphdef, mb, denom, cfg)
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        return (_tree_add(g_acc, g), _tree_add(m_acc, metrics)), None
+
+    g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    m_shape = jax.eval_shape(lambda: grad_fn(params, rest, graphdef, jax.tree.map(lambda x: x[0], micro), denom,
+                                             cfg)[0][1])
+    m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+    (grads, metrics), _ = jax.lax.scan(body, (g0, m0), micro)
+    return grads, metrics
+
+
+def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: PPOConfig, o: OptimConfig,
+            mesh: Optional[Mesh], what: str) -> tuple[TrainState, dict]:
+    """``steps`` optimizer steps over the interleaved mini-batches of ``batch``."""
+    tx, schedule = make_optimizer(o), lr_schedule(o)
+    rows = batch.tokens.shape[0]
+    n_micro = _check_rows(rows, steps, cfg.micro_batch_rows, mesh, what)
+    minibatches = jax.tree.map(lambda x: split_rows(x, steps, mesh), batch)  # [steps, rows/steps, L]
+
+    def opt_step(carry, mb):
+        params, opt_state, step = carry
+        grads, metrics = accumulate_gradients(loss_fn, params, state.rest, state.graphdef, mb, n_micro, mesh, cfg)
+        metrics = dict(metrics)
+        metrics[f"{what}/grad_norm"] = optax.global_norm(grads)  # before clipping
+        metrics[f"{what}/lr"] = schedule(step)
+        metrics[f"{what}/tokens_per_step"] = jnp.sum(mb.loss_mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, step + 1), metrics
+
+    with use_mesh(mesh):
+        (params, opt_state, step), metrics = jax.lax.scan(
+            opt_step, (state.params, state.opt_state, state.step), minibatches)
+    metrics = finalize_metrics(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+    return state.replace(params=params, opt_state=opt_state, step=step), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed forwards for the rollout buffer
+# ----------------------------------------------------------------------------------------------
+
+
+def _packed_forward(state: TrainState, batch: PackedBatch, fn, micro_rows: int, mesh: Optional[Mesh]) -> jax.Array:
+    """Run ``fn(model, micro_batch) -> [micro_rows, pack_len]`` over the buffer in micro-batches
+    (bounded activation memory, one compiled body) and reassemble [rows, pack_len]."""
+    rows = batch.tokens.shape[0]
+    micro = min(micro_rows, rows)
+    if rows % micro:
+        raise ValueError(f"packed forward: {rows} rows do not split into micro-batches of {micro} rows")
+    parts = rows // micro
+    with use_mesh(mesh):
+        model = nnx.merge(state.graphdef, state.params, state.rest)
+        xs = jax.tree.map(lambda x: split_rows(x, parts, mesh), batch)
+        ys = jax.lax.map(lambda mb: fn(model, mb), xs)  # [parts, micro, pack_len]
+    return merge_rows(ys)
+
+
+def logprobs_fn(model, mb: PackedBatch) -> jax.Array:
+    logits, _ = model(mb.tokens, mb.positions, mb.segment_ids)
+    logp, _ = token_logprobs(logits, mb.tokens)
+    return logp * mb.loss_mask
+
+
+def values_fn(model, mb: PackedBatch) -> jax.Array:
+    return shift_right(model(mb.tokens, mb.positions, mb.segment_ids)) * mb.loss_mask
+
+
+def _prepare(actor: TrainState, critic: Optional[TrainState], batch: PackedBatch, response_index: jax.Array,
+             response_mask: jax.Array, rewards: jax.Array, group_ids: jax.Array, *, cfg: PPOConfig,
+             mesh: Optional[Mesh]) -> PackedBatch:
+    rows, pack_len = batch.tokens.shape
+    old_logprobs = _packed_forward(actor, batch, logprobs_fn, cfg.micro_batch_rows, mesh)
+    if critic is not None:
+        old_values = _packed_forward(critic, batch, values_fn, cfg.micro_batch_rows, mesh)
+    else:
+        old_values = jnp.zeros_like(old_logprobs)
+    values_resp = unpack_response(old_values, response_index)  # [n, max_response_len]
+    adv, ret = compute_advantages(cfg, rewards, values_resp, response_mask, group_ids)
+    return batch.replace(old_logprobs=old_logprobs, old_values=old_values,
+                         advantages=pack_response(adv, response_index, rows, pack_len),
+                         returns=pack_response(ret, response_index, rows, pack_len))
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled entry points
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOFunctions:
+    """The jitted PPO entry points for one config and mesh. Each compiles once per input shape.
+
+    actor_step(state, batch) -> (state, metrics)      # state donated
+    critic_step(state, batch) -> (state, metrics)     # state donated
+    compute_logprobs(state, batch) -> [rows, pack_len] token-aligned log-probs (0 off the loss mask)
+    compute_values(state, batch) -> [rows, pack_len] token-aligned V(s_t) (0 off the loss mask)
+    prepare_batch(actor, critic|None, batch, response_index [n, R], response_mask [n, R], rewards [n],
+                  group_ids [n]) -> batch with old_logprobs, old_values, advantages, returns filled
+    """
+
+    actor_step: Callable
+    critic_step: Callable
+    compute_logprobs: Callable
+    compute_values: Callable
+    prepare_batch: Callable
+
+    @staticmethod
+    def build(cfg: PPOConfig, mesh: Optional[Mesh] = None, actor: Optional[TrainState] = None,
+              critic: Optional[TrainState] = None) -> "PPOFunctions":
+        """With a mesh, pass example (or abstract) ``actor`` / ``critic`` states so the explicit
+        in/out shardings can be derived; without one, plain jit."""
+        import functools
+
+        actor_update = functools.partial(_update, loss_fn=actor_loss, steps=cfg.actor_steps_per_batch, cfg=cfg,
+                                         o=cfg.actor, mesh=mesh, what="actor")
+        critic_update = functools.partial(_update, loss_fn=critic_loss, steps=max(cfg.critic_steps_per_batch, 1),
+                                          cfg=cfg, o=cfg.critic, mesh=mesh, what="critic")
+        logprobs = functools.partial(_packed_forward, fn=logprobs_fn, micro_rows=cfg.micro_batch_rows, mesh=mesh)
+        values = functools.partial(_packed_forward, fn=values_fn, micro_rows=cfg.micro_batch_rows, mesh=mesh)
+        prepare = functools.partial(_prepare, cfg=cfg, mesh=mesh)
+        if mesh is None:
+            return PPOFunctions(actor_step=jax.jit(actor_update, donate_argnums=0),
+                                critic_step=jax.jit(critic_update, donate_argnums=0),
+                                compute_logprobs=jax.jit(logprobs), compute_values=jax.jit(values),
+                                prepare_batch=jax.jit(prepare))
+        bsh = batch_shardings(mesh)
+        tok = bsh.tokens
+        rep = NamedSharding(mesh, PartitionSpec())
+        ash = train_state_shardings(mesh, actor) if actor is not None else None
+        csh = train_state_shardings(mesh, critic) if critic is not None else None
+
+        def need(sh, who):
+            if sh is None:
+                raise ValueError(f"PPOFunctions.build: pass an example {who} state to derive shardings on a mesh")
+            return sh
+
+        def step_jit(fn, sh):
+            return jax.jit(fn, donate_argnums=0, in_shardings=(sh, bsh), out_shardings=(sh, rep))
+
+        return PPOFunctions(
+            actor_step=step_jit(actor_update, ash) if ash is not None else _missing("actor"),
+            critic_step=step_jit(critic_update, csh) if csh is not None else _missing("critic"),
+            compute_logprobs=(jax.jit(logprobs, in_shardings=(ash, bsh), out_shardings=tok)
+                              if ash is not None else _missing("actor")),
+            compute_values=(jax.jit(values, in_shardings=(csh, bsh), out_shardings=tok)
+                            if csh is not None else _missing("critic")),
+            prepare_batch=jax.jit(prepare, in_shardings=(need(ash, "actor"), csh, bsh, None, None, None, None),
+                                  out_shardings=bsh),
+        )
+
+
+def _missing(who: str) -> Callable:
+    def fail(*args, **kwargs):
+        raise ValueError(f"PPOFunctions: built without an example {who} state on a mesh")
+    return fail
