@@ -149,12 +149,11 @@ class DataConfig:
     source: Literal["synthetic", "files"] = "synthetic"
     train_files: list[DataFileConfig] = field(default_factory=list)
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
-    prompts_per_iter: int = 8
+    prompts_per_iter: int = 8  # global; each JAX process gets prompts_per_iter // process_count
     shuffle_seed: int = 0
     num_epochs: Optional[int] = None  # None: repeat forever
     on_bad_record: Literal["error", "skip"] = "error"
     template: Literal["orz", "plain"] = "orz"
-    worker_count: int = 0  # grain worker processes (0: in-process)
 
 
 @dataclass
@@ -406,6 +405,7 @@ def validate(cfg: Config) -> None:
 
     d = cfg.data
     _check(d.prompts_per_iter >= 1, "data.prompts_per_iter", "must be >= 1")
+    _check(d.num_epochs is None or d.num_epochs >= 1, "data.num_epochs", "must be >= 1 or null (forever)")
     if d.source == "files":
         _check(len(d.train_files) > 0, "data.train_files", "data.source is 'files' but no train_files are given")
         for i, f in enumerate(d.train_files):
