@@ -12,8 +12,8 @@ What is modelled, and what is not:
 * parameters: exact count for the Qwen2 / Llama layout (embeddings, optional untied LM head, per layer
   q/k/v (+ bias) / o / SwiGLU gate-up-down / two RMSNorms, final RMSNorm); the critic is the trunk
   plus a ``hidden_size -> 1`` value head without bias;
-* optimizer: AdamW keeps two float32 moments per parameter, plus an optional float32 master copy
-  when the parameters themselves are kept in a low-precision dtype;
+* optimizer: AdamW keeps two moments per parameter (float32 by default; ``moment_dtype``), plus an
+  optional float32 master copy when the parameters themselves are kept in a low-precision dtype;
 * per-device: parameters, optimizer state and gradients are sharded over ``fsdp * tensor`` (ZeRO-3
   plus Megatron, see ``orz_jax/sharding.py``); the KV cache over its slots (``data * fsdp``) and over
   its kv heads (``tensor``, only when it divides ``num_kv_heads``, else replicated);
@@ -171,9 +171,10 @@ def param_bytes(n_params: int, dtype: str) -> int:
     return n_params * _dtype_bytes(dtype)
 
 
-def optimizer_bytes(n_params: int, master_copy: bool = False) -> int:
-    """AdamW state: first and second moments in float32, plus a float32 master copy if asked."""
-    return n_params * 4 * (3 if master_copy else 2)
+def optimizer_bytes(n_params: int, master_copy: bool = False, moment_dtype: str = "float32") -> int:
+    """AdamW state: first and second moments (float32 unless told otherwise; optax's default is the
+    parameter dtype), plus a float32 master copy of the parameters if asked."""
+    return n_params * (2 * _dtype_bytes(moment_dtype) + (4 if master_copy else 0))
 
 
 def grad_bytes(n_params: int, dtype: str) -> int:
@@ -273,7 +274,8 @@ class MemoryBreakdown:
 
 def per_device_memory(arch: ArchConfig, mesh: Mesh3, *, slots: int, max_len: int,
                       param_dtype: str = "float32", compute_dtype: str = "bfloat16", master_copy: bool = False,
-                      with_critic: bool = True, rollout_weight_copy: Optional[bool] = None) -> MemoryBreakdown:
+                      moment_dtype: str = "float32", with_critic: bool = True,
+                      rollout_weight_copy: Optional[bool] = None) -> MemoryBreakdown:
     """Per-device bytes on ``mesh`` for PPO with an actor, a critic and a decode KV cache of ``slots``
     rows of ``max_len`` positions. ``rollout_weight_copy`` (default: when compute and param dtypes
     differ): the decode engine holds its own compute-dtype copy of the policy, sharded like it."""
@@ -289,10 +291,10 @@ def per_device_memory(arch: ArchConfig, mesh: Mesh3, *, slots: int, max_len: int
     return MemoryBreakdown(
         mesh=mesh,
         actor_params=_ceil_div(param_bytes(actor_n, param_dtype), ps),
-        actor_opt=_ceil_div(optimizer_bytes(actor_n, master_copy), ps),
+        actor_opt=_ceil_div(optimizer_bytes(actor_n, master_copy, moment_dtype), ps),
         actor_grads=_ceil_div(grad_bytes(actor_n, param_dtype), ps),
         critic_params=_ceil_div(param_bytes(critic_n, param_dtype), ps),
-        critic_opt=_ceil_div(optimizer_bytes(critic_n, master_copy), ps),
+        critic_opt=_ceil_div(optimizer_bytes(critic_n, master_copy, moment_dtype), ps),
         critic_grads=_ceil_div(grad_bytes(critic_n, param_dtype), ps),
         rollout_weights=_ceil_div(param_bytes(actor_n, compute_dtype), ps) if rollout_weight_copy else 0,
         kv_cache=kv_cache_bytes(slots_dev, max_len, arch.num_layers, kv_heads_dev, arch.resolved_head_dim,
@@ -456,12 +458,12 @@ def _dur(s: float) -> str:
 
 def format_report(arch: ArchConfig, *, name: str, chip: Optional[ChipSpec], mesh: Mesh3, shape: RolloutShape,
                   slots: Optional[int], param_dtype: str = "float32", compute_dtype: str = "bfloat16",
-                  master_copy: bool = False, with_critic: bool = True, reserve_frac: float = 0.1,
-                  remat: bool = False, accelerator: Optional[str] = None) -> str:
+                  master_copy: bool = False, moment_dtype: str = "float32", with_critic: bool = True,
+                  reserve_frac: float = 0.1, remat: bool = False, accelerator: Optional[str] = None) -> str:
     """A plain-text table: parameter counts, per-device memory, and (with a chip) the roofline.
     ``slots=None``: the largest slot count that fits (needs ``chip``)."""
     mem_kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, master_copy=master_copy,
-                  with_critic=with_critic)
+                  moment_dtype=moment_dtype, with_critic=with_critic)
     lines = []
     actor, critic = param_count(arch, "policy"), param_count(arch, "critic")
     where = accelerator or (f"{mesh.size} x {chip.name}" if chip else f"{mesh.size} devices")
@@ -470,7 +472,7 @@ def format_report(arch: ArchConfig, *, name: str, chip: Optional[ChipSpec], mesh
                  f"{arch.num_layers} x {actor.per_layer:,} per layer, final norm {actor.final_norm:,})")
     if with_critic:
         lines.append(f"critic params {critic.total:>16,d}  (trunk + value head {critic.lm_head:,})")
-    lines.append(f"dtypes: params {param_dtype}, compute {compute_dtype}, AdamW moments float32"
+    lines.append(f"dtypes: params {param_dtype}, compute {compute_dtype}, AdamW moments {moment_dtype}"
                  f"{', float32 master copy' if master_copy else ''}")
     lines.append(f"rollout: {shape.n_prompts} prompts x {shape.n_samples} samples = {shape.n_seqs} sequences, "
                  f"prompt <= {shape.prompt_len} + response <= {shape.response_len} tokens "
@@ -533,6 +535,36 @@ def print_report(arch: ArchConfig, **kwargs) -> None:
     print(format_report(arch, **kwargs))
 
 
+def format_comparison(cases: Sequence[tuple[str, str, tuple[int, int, int]]], shape: RolloutShape, *,
+                      reserve_frac: float = 0.1, remat: bool = False, **memory_kwargs) -> str:
+    """A markdown table, one row per ``(preset, accelerator type, (data, fsdp, tensor))``, each with
+    the largest slot count that fits and its roofline iteration time."""
+    head = ("| model | slice (chips) | mesh data/fsdp/tensor | params + AdamW / device | grads / device "
+            "| decode slots (per device) | KV cache / device | decode | prefill + forward + train | iteration |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for preset, accelerator, sizes in cases:
+        if preset not in ARCH_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(ARCH_PRESETS)}")
+        arch = ARCH_PRESETS[preset]
+        chip, chips = parse_accelerator_type(accelerator)
+        mesh = resolve_mesh(*sizes, devices=chips)
+        slots = max_decode_slots(arch, mesh, chip.hbm_bytes, max_len=shape.max_len, cap=shape.n_seqs,
+                                 reserve_frac=reserve_frac, **memory_kwargs)
+        m = per_device_memory(arch, mesh, slots=slots, max_len=shape.max_len, **memory_kwargs)
+        row = [preset, f"{accelerator} ({chips})", f"{mesh.data}/{mesh.fsdp}/{mesh.tensor}",
+               f"{m.resident / GIB:.1f} GiB", f"{max(m.actor_grads, m.critic_grads) / GIB:.1f} GiB"]
+        if slots == 0:
+            row += ["0 (does not fit)", "-", "-", "-", "-"]
+        else:
+            compute_dtype = memory_kwargs.get("compute_dtype", "bfloat16")
+            e = roofline_iteration(arch, chip, mesh, slots=slots, shape=shape, compute_dtype=compute_dtype,
+                                   with_critic=memory_kwargs.get("with_critic", True), remat=remat)
+            row += [f"{slots} ({m.slots_per_device})", f"{m.kv_cache / GIB:.1f} GiB", _dur(e.decode_s).strip(),
+                    _dur(e.prefill_s + e.forward_s + e.train_s).strip(), _dur(e.total_s).strip()]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
@@ -593,10 +625,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--param-dtype", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--compute-dtype", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--master-copy", action="store_true", help="count a float32 master copy of the parameters")
+    ap.add_argument("--moment-dtype", choices=sorted(DTYPE_BYTES), default="float32",
+                    help="AdamW moment dtype (float32; optax's default is the parameter dtype)")
     ap.add_argument("--no-critic", action="store_true", help="GRPO-style run without a critic")
     ap.add_argument("--remat", action="store_true", help="training recomputes the forward pass (8N instead of 6N)")
     ap.add_argument("--reserve", type=float, default=0.1, help="HBM fraction held back for activations (0.1)")
+    ap.add_argument("--compare", nargs="+", metavar="PRESET:ACCELERATOR:D,F,T",
+                    help="print a markdown table instead, one row per case, e.g. qwen2.5-7b:v5p-32:1,4,4")
     args = ap.parse_args(argv)
+
+    if args.compare:
+        try:
+            cases = []
+            for spec in args.compare:
+                parts = spec.split(":")
+                if len(parts) != 3:
+                    raise ValueError(f"--compare {spec!r}: expected PRESET:ACCELERATOR:DATA,FSDP,TENSOR")
+                cases.append((parts[0], parts[1], _parse_mesh(parts[2])))
+            shape = RolloutShape(n_prompts=args.prompts or 128, n_samples=args.samples or 64,
+                                 prompt_len=args.prompt_len or 2048, response_len=args.response_len or 8000,
+                                 mean_response_len=args.mean_response_len)
+            print(format_comparison(cases, shape, reserve_frac=args.reserve, remat=args.remat,
+                                    param_dtype=args.param_dtype or "float32",
+                                    compute_dtype=args.compute_dtype or "bfloat16", master_copy=args.master_copy,
+                                    moment_dtype=args.moment_dtype, with_critic=not args.no_critic))
+        except (ConfigError, ValueError, argparse.ArgumentTypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     try:
         cfg = None
@@ -638,7 +694,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compute_dtype = pick(args.compute_dtype, cfg and cfg.model.dtype, "bfloat16")
         remat = args.remat or bool(cfg and cfg.model.remat != "none")
         print_report(arch, name=name, chip=chip, mesh=mesh, shape=shape, slots=slots, param_dtype=param_dtype,
-                     compute_dtype=compute_dtype, master_copy=args.master_copy, with_critic=not args.no_critic,
+                     compute_dtype=compute_dtype, master_copy=args.master_copy, moment_dtype=args.moment_dtype,
+                     with_critic=not args.no_critic,
                      reserve_frac=args.reserve, remat=remat, accelerator=args.accelerator)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

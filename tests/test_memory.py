@@ -81,6 +81,7 @@ def test_counts_match_transformers(tied, bias, arch):
 def test_bytes_helpers():
     assert M.param_bytes(10, "float32") == 40 and M.param_bytes(10, "bfloat16") == 20
     assert M.optimizer_bytes(10) == 80 and M.optimizer_bytes(10, master_copy=True) == 120
+    assert M.optimizer_bytes(10, moment_dtype="bfloat16") == 40
     assert M.grad_bytes(10, "bfloat16") == 20
     with pytest.raises(ValueError, match="unknown dtype"):
         M.param_bytes(1, "float8")
@@ -246,3 +247,14 @@ def test_cli_errors(tmp_path, capsys):
     assert "but the slice has 4" in capsys.readouterr().err
     assert M.main(["--config", str(tmp_path / "missing.yaml"), "--devices", "1"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_compare_table(capsys):
+    assert M.main(["--compare", "qwen2.5-7b:v5p-8:1,4,1", "qwen2.5-32b:v5e-8:1,8,1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[0].startswith("| model | slice (chips)")
+    assert out[2].startswith("| qwen2.5-7b | v5p-8 (4) | 1/4/1 | 41.0 GiB | 7.1 GiB | 260 (65) | 34.9 GiB |")
+    # 32B actor + critic state (~1 TB) cannot sit on 8 x 16 GB chips
+    assert "0 (does not fit)" in out[3]
+    assert M.main(["--compare", "qwen2.5-7b:v5p-8"]) == 2
+    assert "expected PRESET:ACCELERATOR" in capsys.readouterr().err
