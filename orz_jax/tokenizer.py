@@ -107,6 +107,9 @@ def _read_json(path: str) -> Optional[dict]:
     return data
 
 
+_ENCODE_CHUNK = 2048  # texts per encode_batch call
+
+
 class HFTokenizer(Tokenizer):
     """A ``tokenizers.Tokenizer`` (tokenizer.json) plus the special tokens named by the files beside it.
 
@@ -191,9 +194,14 @@ class HFTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
-        # The Rust side encodes a batch on several threads: this is what makes tokenizing a whole
-        # training file at pipeline-build time cheap.
-        out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        # The Rust side encodes a batch on all cores, which is what makes tokenizing a whole training
+        # file at pipeline-build time affordable. In chunks: an Encoding also holds offsets, strings
+        # and masks (~100 bytes a token), so one call over 57k ORZ prompts would peak at gigabytes.
+        texts = list(texts)
+        out = []
+        for start in range(0, len(texts), _ENCODE_CHUNK):
+            out.extend(e.ids for e in self._tok.encode_batch(texts[start:start + _ENCODE_CHUNK],
+                                                             add_special_tokens=False))
         if add_bos:
             if self.bos_id is None:
                 raise TokenizerError("encode(add_bos=True) but this tokenizer has no BOS token")

@@ -191,7 +191,15 @@ def test_long_prompt_filter_truncate_error():
 def test_mixture_weights(weights):
     cfg = make_cfg([F57K, F72K], list(weights), per_iter=10)
     it = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
-    counts = Counter(s for b in take(it, 200) for s in b.sources)  # 2000 draws
+    batches = take(it, 200)
+    counts = Counter(s for b in batches for s in b.sources)  # 2000 draws
+    # Every prompt is its own record's question, also past the first 2048-record encode chunk.
+    raw = {F57K.stem: json.loads(F57K.read_text()), F72K.stem: json.loads(F72K.read_text())}
+    assert max(i for b in batches for i in b.indices) > 2048
+    for b in batches[:50]:
+        for ids, q, src, i in zip(b.prompt_ids, b.questions, b.sources, b.indices):
+            assert q == raw[src][i][0]["value"]
+            assert TOK.decode(ids) == "".join(c for c in format_prompt(q, "plain") if c in DEFAULT_CHARS)
     share = counts[F57K.stem] / sum(counts.values())
     assert share == pytest.approx(weights[0] / sum(weights), abs=0.01)
 

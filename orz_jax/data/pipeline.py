@@ -109,28 +109,38 @@ class TrainData:
 # ----------------------------------------------------------------------------------------------
 
 
+_CHUNK = 2048  # records per encode_batch call
+
+
+def _encode_chunked(records: Sequence[PromptRecord], tokenizer, template: str):
+    """Yield (record, ids [prompt_len] int32). Chunked so that only one chunk of Python int lists
+    (~36 bytes per token) is alive at a time, not a whole 57k-prompt file's worth."""
+    for start in range(0, len(records), _CHUNK):
+        chunk = records[start:start + _CHUNK]
+        for rec, ids in zip(chunk, tokenizer.encode_batch([format_prompt(r.question, template) for r in chunk])):
+            yield rec, np.asarray(ids, dtype=np.int32)
+
+
 def tokenize_records(records: Sequence[PromptRecord], tokenizer, cfg: Config, name: str,
                      skipped_bad: int = 0) -> tuple[list[_Example], SourceStats]:
     """Template + tokenize ``records`` and apply ``cfg.rollout.long_prompt``."""
     limit, policy = cfg.rollout.max_prompt_len, cfg.rollout.long_prompt
-    texts = [format_prompt(r.question, cfg.data.template) for r in records]
-    all_ids = tokenizer.encode_batch(texts)
     stats = SourceStats(name=name, records=len(records), skipped_bad=skipped_bad)
     out: list[_Example] = []
-    for rec, ids in zip(records, all_ids):
+    for rec, ids in _encode_chunked(records, tokenizer, cfg.data.template):
         if len(ids) > limit:
             if policy == "filter":
                 stats.dropped_long += 1
                 continue
             if policy == "left_truncate":
                 # Keep the end: that is where the question and the "Assistant: <think>" cue are.
-                ids = ids[-limit:]
+                ids = ids[-limit:].copy()  # not a view: do not pin the full array
                 stats.truncated_long += 1
             else:
                 raise DataError(
                     f"{name}: record {rec.index}: prompt is {len(ids)} tokens, over rollout.max_prompt_len="
                     f"{limit} (rollout.long_prompt=error; use 'filter' or 'left_truncate' to allow this)")
-        out.append(_Example(np.asarray(ids, dtype=np.int32), rec))
+        out.append(_Example(ids, rec))
     stats.kept = len(out)
     if out:
         lens = [len(e.prompt_ids) for e in out]
