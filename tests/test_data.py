@@ -193,7 +193,7 @@ def test_mixture_weights(weights):
     it = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
     batches = take(it, 200)
     counts = Counter(s for b in batches for s in b.sources)  # 2000 draws
-    # Every prompt is its own record's question, also past the first 2048-record encode chunk.
+    # Every prompt is its own record's question, also past the first encode chunks (1024 records).
     raw = {F57K.stem: json.loads(F57K.read_text()), F72K.stem: json.loads(F72K.read_text())}
     assert max(i for b in batches for i in b.indices) > 2048
     for b in batches[:50]:

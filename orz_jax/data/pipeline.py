@@ -109,7 +109,7 @@ class TrainData:
 # ----------------------------------------------------------------------------------------------
 
 
-_CHUNK = 2048  # records per encode_batch call
+_CHUNK = 1024  # records per encode_batch call: bounds the Encodings alive at once (~100 B a token)
 
 
 def _encode_chunked(records: Sequence[PromptRecord], tokenizer, template: str):
