@@ -134,6 +134,23 @@ def test_resume_yields_the_same_batches():
     assert [keys(b) for b in take(fresh, 13)[7:]] == expected  # = the uninterrupted run
 
 
+def test_resume_through_an_orbax_checkpoint(tmp_path):
+    """The iterator goes into an Orbax checkpoint with Grain's own handler (one JSON per process)."""
+    grain = pytest.importorskip("grain")
+    ocp = pytest.importorskip("orbax.checkpoint")
+    cfg = make_cfg()
+    it = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
+    take(it, 5)
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+    expected = [b.questions for b in take(it, 4)]
+    resumed = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
+    mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    assert [b.questions for b in take(resumed, 4)] == expected
+    mngr.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Sharding, filtering, mixture
 # ----------------------------------------------------------------------------------------------
