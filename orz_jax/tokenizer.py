@@ -280,6 +280,12 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text, out_type=int))
 
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        # sentencepiece encodes a list on several threads; add_bos goes through the checked path.
+        if add_bos:
+            return super().encode_batch(texts, add_bos=True)
+        return [list(ids) for ids in self._sp.encode(list(texts), out_type=int)]
+
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special:

@@ -53,6 +53,8 @@ def test_sentencepiece_round_trip_and_special_ids(sp_model):
         assert ids == ref.encode(text, out_type=int)
         assert tok.decode(ids) == text
         assert tok.encode(text, add_bos=True) == [1] + ids
+    assert tok.encode_batch(ROUND_TRIP) == [ref.encode(t, out_type=int) for t in ROUND_TRIP]
+    assert tok.encode_batch(ROUND_TRIP[:1], add_bos=True) == [[1] + ref.encode(ROUND_TRIP[0], out_type=int)]
     ids = [1] + tok.encode("1 + 1") + [2]
     assert tok.decode(ids) == "1 + 1"
     assert tok.decode(ids, skip_special=False) == "<s>1 + 1</s>"

@@ -17,7 +17,9 @@ pipeline rebuilt from the same config and data and given that state yields exact
 uninterrupted one would have.
 
 ``data.prompts_per_iter`` is the global number of prompts per iteration; each JAX process gets
-``prompts_per_iter // process_count`` of them.
+``prompts_per_iter // process_count`` of them. With a finite ``data.num_epochs`` and several files,
+the mixture ends when its first component runs out (Grain's ``mix`` keeps the weights exact rather
+than padding with other files).
 """
 
 from __future__ import annotations
