@@ -32,7 +32,7 @@ _level, _handlers = _root.level, list(_root.handlers)
 
 from jetstream.core import orchestrator, server_lib  # noqa: E402
 from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc  # noqa: E402
-from jetstream.engine import engine_api, token_utils, tokenizer_api  # noqa: E402
+from jetstream.engine import engine_api, token_utils, tokenizer_api, tokenizer_pb2  # noqa: E402
 
 _root.setLevel(_level)
 for _h in list(_root.handlers):
@@ -40,4 +40,4 @@ for _h in list(_root.handlers):
         _root.removeHandler(_h)
 
 __all__ = ["engine_api", "orchestrator", "server_lib", "jetstream_pb2", "jetstream_pb2_grpc", "token_utils",
-           "tokenizer_api"]
+           "tokenizer_api", "tokenizer_pb2"]
