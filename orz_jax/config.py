@@ -158,8 +158,20 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    timeout_s: float = 5.0
-    num_workers: int = 2
+    """Rule-based reward (``orz_jax/reward``): 1 for a correct boxed answer in a response that stopped."""
+
+    timeout_s: float = 5.0  # per math-verify check (parse reference + parse answer + verify); over it: 0
+    num_workers: int = 2  # math-verify worker processes
+    # A worker that has not answered timeout_s + this many seconds after starting a check is stuck in code a
+    # signal cannot interrupt: it is killed and replaced.
+    kill_grace_s: float = 2.0
+    soft_timeout: bool = True  # interrupt a check inside the worker (SIGALRM) instead of killing the worker
+    worker_memory_mb: int = 4096  # address-space limit per worker (0: none); sympy can build huge integers
+    worker_start_timeout_s: float = 120.0  # importing sympy + math-verify in a fresh worker
+    chunk_size: int = 16  # checks sent to a worker per message
+    fast_checks: bool = True  # exact / normalised-string / numeric checks before math-verify
+    float_rounding: int = 6  # math_verify.verify(float_rounding=...)
+    numeric_precision: int = 15  # math_verify.verify(numeric_precision=...)
 
 
 @dataclass
@@ -415,13 +427,24 @@ def validate(cfg: Config) -> None:
     _check(1 <= s.min_ops <= s.max_ops, "data.synthetic.max_ops", "need 1 <= min_ops <= max_ops")
     _check(s.max_operand >= 1, "data.synthetic.max_operand", "must be >= 1")
 
-    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
-    _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    validate_reward(cfg.reward)
     _check(cfg.checkpoint.save_every >= 1, "checkpoint.save_every", "must be >= 1")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
     _check(cfg.experiment.num_iterations >= 0, "experiment.num_iterations", "must be >= 0")
+
+
+def validate_reward(rw: RewardConfig) -> None:
+    """Range checks of the ``reward`` section (also used by ``python -m orz_jax.reward``)."""
+    _check(rw.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(rw.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    _check(rw.kill_grace_s > 0, "reward.kill_grace_s", "must be > 0")
+    _check(rw.worker_memory_mb >= 0, "reward.worker_memory_mb", "must be >= 0 (0 = no limit)")
+    _check(rw.worker_start_timeout_s > 0, "reward.worker_start_timeout_s", "must be > 0")
+    _check(rw.chunk_size >= 1, "reward.chunk_size", "must be >= 1")
+    _check(rw.float_rounding >= 0, "reward.float_rounding", "must be >= 0")
+    _check(rw.numeric_precision >= 1, "reward.numeric_precision", "must be >= 1")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -1,0 +1,387 @@
+"""Cheap answer checks that settle most pairs before math-verify (and sympy) are needed.
+
+Each check is *sound with respect to math-verify*: it decides only where math-verify
+(``verify(parse(ref), parse(pred))`` with float_rounding=6) would give the same verdict.
+
+* positive checks (reward 1): identical strings; identical after a light LaTeX normalisation
+  (``\\dfrac`` -> ``\\frac``, spacing commands, ``\\left``/``\\right``, degrees, ``\\text{ units}``,
+  ``x=`` prefix, ...); equal rational values of two number literals.
+* negative check (reward 0): two number literals (integers, decimals, ``a/b``, ``\\frac{a}{b}``; no
+  percent, degree or unit decoration) whose values differ by more than float rounding could bridge.
+* multiple choice: a reference that is a single option letter (``B``, ``(B)``, ``\\text{(B)}``) is
+  compared letter to letter; math-verify is never asked (it would compare the letter as a symbol).
+
+Everything else returns ``None`` (undecided) and goes to math-verify in a worker process.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+from typing import Optional
+
+# ---- normalisation ------------------------------------------------------------------------------
+
+_SPACING = re.compile(r"(?<!\\)\\[!,;:> ]|\\quad|\\qquad|~")  # "\\ " (matrix row end) is no spacing command
+_LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])")
+_CMD_SPACE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])")
+_SPACE = re.compile(r"\s+")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def light_normalize(s: str) -> str:
+    """Formatting-only rewrite that never changes the value: math delimiters, spacing, ``\\dfrac``,
+    ``\\left``/``\\right``, thousands separators, a final full stop."""
+    s = s.strip().replace("\\$", "").replace("$", "")  # "\$18.90" (dollars) and "$...$" delimiters
+    s = s.replace("{,}", ",")
+    s = _SPACING.sub("", s)
+    s = _LEFT_RIGHT.sub("", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\displaystyle", "")
+    # Drop whitespace, except where it ends a command name before a letter ("\\parallel FG").
+    s = _SPACE.sub("", _CMD_SPACE.sub("\\1\x00", s)).replace("\x00", " ")
+    if s.endswith(".") and not s.endswith(".."):
+        s = s[:-1]
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    return s
+
+
+_DEGREES = re.compile(r"\^\s*\{?\\circ\}?")
+_UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}$")  # "5\text{ cm}": MATH writes units with a space
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}")
+_FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
+_SQRT_SHORT = re.compile(r"\\sqrt(\d)")
+_VAR_PREFIX = re.compile(r"^[a-zA-Z]=(?!=)")
+
+
+def normalize(s: str) -> str:
+    """``light_normalize`` plus decorations math-verify ignores too: degrees, trailing text units,
+    ``\\text{}`` wrappers, ``\\frac12`` / ``\\sqrt2`` shorthand, a leading single-letter ``x=``.
+
+    Percent signs are kept: math-verify treats ``50\\%`` = ``50`` but ``0.5\\%`` != ``0.5``.
+    """
+    s = s.strip()
+    s = _UNIT_TEXT.sub("", s)
+    s = light_normalize(s)
+    s = _DEGREES.sub("", s)
+    s = _TEXT_WRAP.sub(r"\1", s)
+    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
+    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
+    if s.count("=") == 1:
+        s = _VAR_PREFIX.sub("", s)
+    return s
+
+
+# ---- number literals ----------------------------------------------------------------------------
+
+_INT = re.compile(r"[+-]?\d+")
+_DEC = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
+_SLASH = re.compile(r"([+-]?\d+)/([+-]?\d+)")
+_FRAC = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
+_MAX_DIGITS = 100  # longer literals go to math-verify (and keep Fraction arithmetic cheap)
+
+
+def number_literal(s: str) -> Optional[tuple[Fraction, bool]]:
+    """``(value, is_integer_literal)`` if ``s`` (already normalised) is one plain number, else None."""
+    if len(s) > _MAX_DIGITS:
+        return None
+    if _INT.fullmatch(s):
+        return Fraction(int(s)), True
+    if _DEC.fullmatch(s):
+        return Fraction(s), False
+    m = _SLASH.fullmatch(s)
+    if m:
+        den = int(m.group(2))
+        return (Fraction(int(m.group(1)), den), False) if den != 0 else None
+    m = _FRAC.fullmatch(s)
+    if m:
+        den = int(m.group(3))
+        if den == 0:
+            return None
+        v = Fraction(int(m.group(2)), den)
+        return (-v if m.group(1) == "-" else v), False
+    return None
+
+
+def _clearly_different(a: Fraction, b: Fraction) -> bool:
+    # math-verify rounds floats to 6 decimals before comparing; a relative gap of 1e-4 is far outside
+    # anything that rounding (or its 15-digit evalf) could call equal.
+    return abs(a - b) > Fraction(1, 10_000) * max(1, abs(a), abs(b))
+
+
+# ---- constant expressions ------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\(?:frac|sqrt|pi|cdot|times)(?![a-zA-Z])|[-+*/^(){}]|[a-zA-Z]")
+# Letters math-verify reads as constants or units ("e" = E, "i" = a symbol it may treat as imaginary).
+_NOT_VARIABLES = frozenset("eEiIj")
+# The math-verify/latex2sympy unit stripper removes a unit word at the very end ("15 m" = 15, "5 d" = 5),
+# so an expression that ends in one of its one-letter units (possibly squared) is left to math-verify.
+_ENDS_IN_LETTER = re.compile(r"[tochlsgmd](?:\^\{?\d+\}?)?$")  # its one-letter units
+# Fixed sample points for variables: identity testing of polynomial / rational expressions.
+_POINTS = (0.5377, 1.8339, -2.2588)
+_VALUE_LIMIT = 1e15
+
+
+class _NotConstant(Exception):
+    pass
+
+
+class _ConstParser:
+    """Recursive descent over a normalised LaTeX string: numbers, + - * / ^, ``\\cdot``, ``\\times``,
+    ``\\frac``, ``\\sqrt``, ``\\pi``, parentheses, implicit products (``3\\sqrt{2}``, ``2\\pi``).
+
+    Anything else (a letter, ``i``, ``e``, ``%``, a comma, ``!``, subscripts) is not a constant. Where
+    LaTeX readings differ it refuses too: a digit before ``\\frac`` (a mixed number ``1\\frac{4}{5}``),
+    chained ``^`` (``2^3^2``), an implicit product after ``/`` (``1/2\\pi``).
+    """
+
+    def __init__(self, s: str, env: Optional[dict[str, float]] = None):
+        self.env = env or {}
+        self.toks: list[str] = []
+        pos = 0
+        while pos < len(s):
+            m = _TOKEN.match(s, pos)
+            if m is None:
+                raise _NotConstant(s[pos:])
+            self.toks.append(m.group())
+            pos = m.end()
+        self.i = 0
+
+    def peek(self) -> Optional[str]:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, expected: Optional[str] = None) -> str:
+        tok = self.peek()
+        if tok is None or (expected is not None and tok != expected):
+            raise _NotConstant(tok)
+        self.i += 1
+        return tok
+
+    def parse(self) -> float:
+        v = self.expr()
+        if self.peek() is not None:
+            raise _NotConstant(self.peek())
+        return v
+
+    def expr(self) -> float:
+        v = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            v = v + self.term() if op == "+" else v - self.term()
+        return v
+
+    def _starts_atom(self, tok: Optional[str]) -> bool:
+        return tok is not None and (
+            tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("\\frac", "\\sqrt", "\\pi", "(")
+        )
+
+    def term(self) -> float:
+        v = self.unary()
+        divided = False
+        while True:
+            tok = self.peek()
+            if tok in ("*", "\\cdot", "\\times", "/"):
+                self.take()
+                rhs = self.unary()
+                if tok == "/":
+                    divided = True
+                    v = v / rhs
+                else:
+                    v = v * rhs
+            elif self._starts_atom(tok):
+                prev = self.toks[self.i - 1]
+                if divided or (tok[0].isdigit() or tok[0] == "."):  # "1/2\pi"; "2 3" cannot come apart
+                    raise _NotConstant(tok)
+                if tok == "\\frac" and prev[0].isdigit():  # mixed number
+                    raise _NotConstant(tok)
+                v = v * self.power()
+            else:
+                return v
+
+    def unary(self) -> float:
+        if self.peek() in ("+", "-"):
+            sign = -1.0 if self.take() == "-" else 1.0
+            return sign * self.unary()
+        return self.power()
+
+    def power(self) -> float:
+        base = self.atom()
+        if self.peek() != "^":
+            return base
+        self.take()
+        if self.peek() == "{":
+            self.take()
+            exp = self.expr()
+            self.take("}")
+        else:
+            tok = self.take()
+            if not tok.isdigit() or len(tok) != 1:  # "x^23" means x^2 * 3 in LaTeX: refuse
+                raise _NotConstant(tok)
+            exp = float(tok)
+        if self.peek() == "^" or abs(exp) > 64 or (base < 0 and not float(exp).is_integer()):
+            raise _NotConstant("^")
+        return base**exp
+
+    def atom(self) -> float:
+        tok = self.take()
+        if tok[0].isdigit() or tok[0] == ".":
+            return float(tok)
+        if tok == "\\pi":
+            return math.pi
+        if tok.isalpha():
+            # "f(x)" may be a function application: refuse rather than read it as a product.
+            if tok not in self.env or self.peek() == "(":
+                raise _NotConstant(tok)
+            return self.env[tok]
+        if tok in ("(", "{"):
+            v = self.expr()
+            self.take(")" if tok == "(" else "}")
+            return v
+        if tok == "\\frac":
+            num = self.braced()
+            den = self.braced()
+            return num / den
+        if tok == "\\sqrt":
+            v = self.braced()
+            if v < 0:
+                raise _NotConstant("sqrt")
+            return math.sqrt(v)
+        raise _NotConstant(tok)
+
+    def braced(self) -> float:
+        self.take("{")
+        v = self.expr()
+        self.take("}")
+        return v
+
+
+def _evaluate(s: str, env: Optional[dict[str, float]] = None) -> Optional[float]:
+    try:
+        v = _ConstParser(s, env).parse()
+    except (_NotConstant, ZeroDivisionError, OverflowError, ValueError, TypeError):
+        return None
+    return v if isinstance(v, float) and math.isfinite(v) and abs(v) < _VALUE_LIMIT else None
+
+
+def constant_value(s: str) -> Optional[float]:
+    """Value of ``s`` (a ``normalize``d answer) if it is an arithmetic constant, else None."""
+    return _evaluate(s) if len(s) <= 200 else None
+
+
+def sample_values(s: str) -> Optional[tuple[float, ...]]:
+    """Values of ``s`` at ``len(_POINTS)`` fixed points for its single-letter variables (all equal for a
+    constant); None if ``s`` is not such an expression (or may end in a unit, or names e / i)."""
+    if len(s) > 200:
+        return None
+    letters = sorted(set(re.findall(r"(?<!\\)[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", s))))
+    if not letters:
+        v = _evaluate(s)
+        return None if v is None else (v,) * len(_POINTS)
+    if _NOT_VARIABLES.intersection(letters) or _ENDS_IN_LETTER.search(s):
+        return None
+    out = []
+    for k, x in enumerate(_POINTS):
+        # A value per letter *name* (both sides must give "n" the same value and "C" another one) and point.
+        env = {c: x * (1.0 + 0.0917 * (ord(c) - 64)) + 0.0311 * ord(c) * (k + 1) for c in letters}
+        v = _evaluate(s, env)
+        if v is None:
+            return None
+        out.append(v)
+    return tuple(out)
+
+
+_WORD = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{[A-Za-z][A-Za-z ]*\}")
+
+
+def _is_collection(s: str) -> bool:
+    """``s`` (light-normalised) is a tuple / interval / set of >= 2 elements, a union, or a matrix with
+    >= 2 entries: never equal to a single number (a one-element set can be, so commas are required)."""
+    if s.startswith("\\begin{") and ("\\\\" in s or "&" in s):
+        return True
+    if "\\cup" in s:
+        return True
+    bracketed = (s[:1] in "([" and s[-1:] in ")]") or (s.startswith("\\{") and s.endswith("\\}"))
+    return bool(s) and bracketed and "," in s
+
+
+# ---- multiple choice ----------------------------------------------------------------------------
+
+_CHOICE_REF = re.compile(r"\(?([A-J])\)?")
+# "(B)", "(B) 42", "B", "B.", "B) 42", "B: 42"; a bare letter may be lower case ("b"). Not "a+b" or "Bx".
+_CHOICE_PRED = (
+    re.compile(r"\(([A-Ja-j])\)(?:\s.*)?", re.DOTALL),
+    re.compile(r"([A-Ja-j])(?:[.:)](?:\s.*)?)?", re.DOTALL),
+)
+
+
+def _unwrap_choice(s: str) -> str:
+    s = s.strip().replace("\\$", "").replace("$", "")  # "\$18.90" (dollars) and "$...$" delimiters.strip()
+    for _ in range(3):  # \textbf{\text{(B)}}
+        m = re.fullmatch(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{(.*)\}", s, re.DOTALL)
+        if not m:
+            break
+        s = m.group(1).strip()
+    return s
+
+
+def choice_letter(reference: str) -> Optional[str]:
+    """The option letter if ``reference`` is a multiple-choice answer (``B``, ``(B)``, ``\\text{(B)}``)."""
+    m = _CHOICE_REF.fullmatch(_unwrap_choice(reference))
+    return m.group(1) if m else None
+
+
+def predicted_letter(pred: str) -> Optional[str]:
+    """The option letter a boxed answer names (``B``, ``b``, ``(B)``, ``\\text{B}``, ``B. 42``), else None."""
+    s = _unwrap_choice(pred)
+    for pattern in _CHOICE_PRED:
+        m = pattern.fullmatch(s)
+        if m:
+            return m.group(1).upper()
+    return None
+
+
+# ---- the cascade --------------------------------------------------------------------------------
+
+
+def quick_check(pred: str, reference: str) -> Optional[tuple[float, str]]:
+    """``(reward, rule)`` when a cheap rule settles ``pred`` vs ``reference``; None: ask math-verify.
+
+    ``pred`` and ``reference`` are the extracted box content and the stripped reference (non-empty).
+    """
+    if pred == reference:
+        return 1.0, "exact"
+    light_p, light_r = light_normalize(pred), light_normalize(reference)
+    norm_p, norm_r = normalize(pred), normalize(reference)
+    if light_p == light_r or norm_p == norm_r:
+        return 1.0, "normalized"
+    num_p, num_r = number_literal(norm_p), number_literal(norm_r)
+    if num_p is not None and num_r is not None and num_p[0] == num_r[0]:
+        return 1.0, "numeric"
+    # A "no" only from undecorated literals: "50\%" vs "0.5" or "90^\circ" vs "\frac{\pi}{2}" are math-verify's.
+    lit_p, lit_r = number_literal(light_p), number_literal(light_r)
+    if lit_p is not None and lit_r is not None:
+        if (lit_p[1] and lit_r[1]) or _clearly_different(lit_p[0], lit_r[0]):
+            return 0.0, "numeric"
+        return None
+    # Arithmetic constants ("3\sqrt{13}", "\frac{\pi}{6}", "90^\circ"): equal to float precision ->
+    # sympy proves it too; clearly apart -> no rounding bridges it. In between: math-verify.
+    # Expressions in single-letter variables ("2k+2" vs "2(k+1)", "8n^2+4n+1" vs "9") are compared at
+    # fixed sample points: equal everywhere -> the same polynomial / rational function (sympy agrees);
+    # clearly apart somewhere -> different.
+    val_p, val_r = constant_value(norm_p), constant_value(norm_r)
+    if not (light_p.count("=") or light_r.count("=")):
+        at_p, at_r = sample_values(norm_p), sample_values(norm_r)
+        if at_p is not None and at_r is not None:
+            gaps = [abs(a - b) / max(1.0, abs(a), abs(b)) for a, b in zip(at_p, at_r)]
+            if max(gaps) <= (1e-12 if val_p is not None and val_r is not None else 1e-9):
+                return 1.0, "numeric"
+            if max(gaps) > 1e-4:
+                return 0.0, "numeric"
+            return None
+    # A number against a word ("\text{east}") or against a collection of >= 2 things.
+    if val_p is not None or val_r is not None:
+        other = light_r if val_p is not None else light_p
+        if _WORD.fullmatch(other) or _is_collection(other):
+            return 0.0, "numeric"
+    return None
