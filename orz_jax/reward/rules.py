@@ -21,6 +21,8 @@ import re
 from fractions import Fraction
 from typing import Optional
 
+from orz_jax.reward.extract import braced_content
+
 # ---- normalisation ------------------------------------------------------------------------------
 
 _SPACING = re.compile(r"(?<!\\)\\[!,;:> ]|\\quad|\\qquad|~")  # "\\ " (matrix row end) is no spacing command
@@ -315,13 +317,17 @@ _CHOICE_PRED = (
 )
 
 
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{")
+
+
 def _unwrap_choice(s: str) -> str:
-    s = s.strip().replace("\\$", "").replace("$", "")  # "\$18.90" (dollars) and "$...$" delimiters.strip()
-    for _ in range(3):  # \textbf{\text{(B)}}
-        m = re.fullmatch(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{(.*)\}", s, re.DOTALL)
-        if not m:
+    s = s.strip().replace("$", "").strip()
+    for _ in range(3):  # "\textbf{\text{(B)}}", "\textbf{(B)} 42"
+        m = _TEXT_CMD.match(s)
+        inner = braced_content(s, m.end() - 1) if m else None
+        if inner is None:
             break
-        s = m.group(1).strip()
+        s = (inner + s[m.end() + len(inner) + 1 :]).strip()
     return s
 
 
