@@ -10,7 +10,7 @@
 # with nohup; worker W writes ~/orz_runs/RUN/worker-W.log and worker-W.pid (W from the TPU VM's
 # metadata), and ~/orz_runs/latest links the newest run. Refuses to start while the latest run still
 # has a live process (tpu/stop.sh ends it). --foreground: stay attached and stream every worker's log
-# until its process ends (Ctrl-C stops only the streaming). --env KEY=VALUE (repeatable): exported
+# until its process ends, then exit with its status (Ctrl-C stops only the streaming). --env KEY=VALUE (repeatable): exported
 # before the start.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -52,8 +52,10 @@ for kv in ${ENV_VARS[@]+"${ENV_VARS[@]}"}; do remote+="; export ${kv%%=*}=$(shqu
 remote+="; nohup ${train} > \"\$LOG\" 2>&1 < /dev/null & echo \$! > ${RUN}/worker-\$W.pid"
 remote+="; echo \"worker \$W: pid \$(cat ${RUN}/worker-\$W.pid), log \$LOG\""
 if [[ "$FOREGROUND" -eq 1 ]]; then
-  # Follow the log until the process ends; interrupting only stops the following.
-  remote+="; tail -n +1 -F --pid=\"\$(cat ${RUN}/worker-\$W.pid)\" \"\$LOG\""
+  # Follow the log until the process ends (interrupting only stops the following), then exit with
+  # its status. The trailing `wait` also keeps bash from exec'ing tail in its place: tail would
+  # become the parent of the training process and, never reaping it, wait on its zombie forever.
+  remote+="; P=\$(cat ${RUN}/worker-\$W.pid); tail -n +1 -F --pid=\"\$P\" \"\$LOG\"; wait \"\$P\""
 fi
 
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${SLICE_FLAGS[@]}" "--command=${remote}"
