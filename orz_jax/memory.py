@@ -396,6 +396,8 @@ def roofline_iteration(arch: ArchConfig, chip: ChipSpec, mesh: Mesh3, *, slots: 
       context ``p + r/2``; its time is max(bytes / HBM bandwidth, FLOPs / peak);
     * forward passes: 2 * N * tokens (+ attention) for the actor's log-probs and the critic's values;
     * training: 6 * N * tokens (+ 3x attention) per epoch for actor and critic; 8 * N with remat.
+      One epoch each by default: ``ppo.{actor,critic}_steps_per_batch`` split the buffer into that
+      many mini-batches (ORZ: 1 and 12), they do not repeat it.
     """
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots} (the model may not fit: see max_decode_slots)")
