@@ -30,7 +30,7 @@ if not hasattr(jax, "tree_map"):
 _root = logging.getLogger()
 _level, _handlers = _root.level, list(_root.handlers)
 
-from jetstream.core import orchestrator, server_lib  # noqa: E402
+from jetstream.core import config_lib, orchestrator, server_lib  # noqa: E402
 from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc  # noqa: E402
 from jetstream.engine import engine_api, token_utils, tokenizer_api, tokenizer_pb2  # noqa: E402
 
@@ -39,5 +39,5 @@ for _h in list(_root.handlers):
     if _h not in _handlers:
         _root.removeHandler(_h)
 
-__all__ = ["engine_api", "orchestrator", "server_lib", "jetstream_pb2", "jetstream_pb2_grpc", "token_utils",
+__all__ = ["config_lib", "engine_api", "orchestrator", "server_lib", "jetstream_pb2", "jetstream_pb2_grpc", "token_utils",
            "tokenizer_api", "tokenizer_pb2"]
