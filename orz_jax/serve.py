@@ -76,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_engine(args: argparse.Namespace) -> RolloutEngine:
+    """Config (YAML + overrides + flags) -> mesh -> ``load_hf`` policy -> tokenizer -> engine."""
     overrides = list(args.overrides) + [f"model.checkpoint={args.checkpoint}"]
     flag_keys = {"temperature": "rollout.temperature", "top_p": "rollout.top_p", "top_k": "rollout.top_k",
                  "max_tokens": "rollout.max_response_len", "slots": "rollout.max_concurrent_decodes"}
@@ -95,7 +94,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     mesh = make_mesh(cfg.mesh)
     policy, _ = load_hf("policy", args.checkpoint, cfg.model, mesh)
     tokenizer = load_tokenizer(args.tokenizer or cfg.model.tokenizer or args.checkpoint)
-    engine = RolloutEngine(policy, cfg.rollout, tokenizer, mesh=mesh, seed=args.seed)
+    return RolloutEngine(policy, cfg.rollout, tokenizer, mesh=mesh, seed=args.seed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_engine(args)
     log.info("serving %s on port %d (%s, %d slots, sampling %s)", args.checkpoint, args.port,
              jax.default_backend(), engine.max_concurrent_decodes, dataclasses.asdict(engine.sampling))
     server = start_server(engine, args.port)
