@@ -81,7 +81,7 @@ CASES = [
     (orz("3"), "\\text{east}", "stop", 0.0, "numeric"),
     (orz("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), "\\begin{pmatrix}1\\\\2\\end{pmatrix}", "stop", 1.0, None),
     (orz("6-5i"), "6 - 5i", "stop", 1.0, "normalized"),
-    (orz("6+5i"), "6 - 5i", "stop", 0.0, "math_verify"),
+    (orz("6+5i"), "6 - 5i", "stop", 0.0, "numeric"),  # "i" is a plain symbol to math-verify
     (orz("\\frac{\\pi}{3}"), "\\frac{2\\pi}{6}", "stop", 1.0, "numeric"),
     (orz("1\\frac{4}{5}"), "\\frac{9}{5}", "stop", 1.0, "math_verify"),  # a mixed number: left to math-verify
     # several boxes: the last counts
@@ -136,7 +136,7 @@ def test_cheap_rules_agree_with_math_verify():
 
     pairs = [(extract_answer(c[0]), c[1]) for c in CASES if c[2] == "stop" and extract_answer(c[0])]
     pairs += [("0.333333", "\\frac{1}{3}"), ("0.3333", "\\frac{1}{3}"), ("\\pi", "3.14159265"), ("15 m", "15"),
-              ("5d", "5"), ("2", "\\{2\\}"), ("n", "C"), ("x^2", "y^2"), ("1,5", "1.5"), ("17", "k=17")]
+              ("5d", "5"), ("2", "\\{2\\}"), ("i^2+2", "1"), ("3 \\pm 1", "3"), ("n", "C"), ("x^2", "y^2"), ("1,5", "1.5"), ("17", "k=17")]
     decided = 0
     for pred, ref in pairs:
         if ref.startswith("\\text{(") or len(ref) == 1 and ref.isupper():
@@ -211,6 +211,13 @@ def test_batch_of_1000(scorer):
     assert [r.reward for r in results] == want
     assert sum(r.rule == "math_verify" for r in results) == 250  # the percents
     assert not any(r.timed_out or r.parse_failed for r in results)
+
+
+def test_repeated_pairs_are_checked_once(scorer):
+    before = scorer.pool.stats.checks
+    res = scorer.score_batch([orz("\\{7,6\\}")] * 6 + [orz("\\{6,8\\}")], ["\\{6,7\\}"] * 7, ["stop"] * 7)
+    assert [r.reward for r in res] == [1.0] * 6 + [0.0]
+    assert scorer.pool.stats.checks - before == 2
 
 
 def test_bad_inputs(scorer):

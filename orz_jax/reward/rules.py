@@ -50,11 +50,13 @@ def light_normalize(s: str) -> str:
 
 
 _DEGREES = re.compile(r"\^\s*\{?\\circ\}?")
-_UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}$")  # "5\text{ cm}": MATH writes units with a space
+# "5\text{ cm}", "15\mbox{ cm}^2": MATH writes units with a leading space
+_UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}(?:\^\{?\d\}?)?$")
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}")
 _FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
 _SQRT_SHORT = re.compile(r"\\sqrt(\d)")
 _VAR_PREFIX = re.compile(r"^[a-zA-Z]=(?!=)")
+_RELATION = re.compile(r"[<>]|\\(?:le|ge|ne|neq|leq|geq|leqslant|geqslant|lt|gt|in|text|mathrm)(?![a-zA-Z])")
 
 
 def normalize(s: str) -> str:
@@ -64,13 +66,15 @@ def normalize(s: str) -> str:
     Percent signs are kept: math-verify treats ``50\\%`` = ``50`` but ``0.5\\%`` != ``0.5``.
     """
     s = s.strip()
+    relation = _RELATION.search(s) is not None
     s = _UNIT_TEXT.sub("", s)
     s = light_normalize(s)
     s = _DEGREES.sub("", s)
     s = _TEXT_WRAP.sub(r"\1", s)
     s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
     s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
-    if s.count("=") == 1:
+    # "x=5" is 5 to math-verify, but "k=n\geq3" is a chained relation and "k=\text{No}" is not "No".
+    if s.count("=") == 1 and not relation:
         s = _VAR_PREFIX.sub("", s)
     return s
 
@@ -115,8 +119,9 @@ def _clearly_different(a: Fraction, b: Fraction) -> bool:
 # ---- constant expressions ------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\(?:frac|sqrt|pi|cdot|times)(?![a-zA-Z])|[-+*/^(){}]|[a-zA-Z]")
-# Letters math-verify reads as constants or units ("e" = E, "i" = a symbol it may treat as imaginary).
-_NOT_VARIABLES = frozenset("eEiIj")
+# Letters math-verify may read as constants ("e" = E). A plain "i" stays a symbol there ("i^2+2" != 1), so it
+# is a variable here too.
+_NOT_VARIABLES = frozenset("eEIj")
 # The math-verify/latex2sympy unit stripper removes a unit word at the very end ("15 m" = 15, "5 d" = 5),
 # so an expression that ends in one of its one-letter units (possibly squared) is left to math-verify.
 _ENDS_IN_LETTER = re.compile(r"[tochlsgmd](?:\^\{?\d+\}?)?$")  # its one-letter units
@@ -241,8 +246,8 @@ class _ConstParser:
             self.take(")" if tok == "(" else "}")
             return v
         if tok == "\\frac":
-            num = self.braced()
-            den = self.braced()
+            num = self.frac_arg()
+            den = self.frac_arg()
             return num / den
         if tok == "\\sqrt":
             v = self.braced()
@@ -250,6 +255,17 @@ class _ConstParser:
                 raise _NotConstant("sqrt")
             return math.sqrt(v)
         raise _NotConstant(tok)
+
+    def frac_arg(self) -> float:
+        """``{expr}`` or, LaTeX shorthand, one digit: ``\\frac94`` = 9/4, ``\\frac9{19}``."""
+        tok = self.peek()
+        if tok is not None and tok[0].isdigit() and tok.isdigit():
+            if len(tok) > 1:
+                self.toks[self.i] = tok[1:]  # the rest of "94" is the next argument / token
+            else:
+                self.i += 1
+            return float(tok[0])
+        return self.braced()
 
     def braced(self) -> float:
         self.take("{")
@@ -297,14 +313,15 @@ _WORD = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{[A-Za-z][A-Za-z ]*\}")
 
 
 def _is_collection(s: str) -> bool:
-    """``s`` (light-normalised) is a tuple / interval / set of >= 2 elements, a union, or a matrix with
-    >= 2 entries: never equal to a single number (a one-element set can be, so commas are required)."""
+    """``s`` (light-normalised) is a tuple / interval / set / list of >= 2 elements, a union, a ``\\pm``, or a
+    matrix with >= 2 entries: never equal to a single number (a one-element set can be: "\\{3\\}" = 3)."""
     if s.startswith("\\begin{") and ("\\\\" in s or "&" in s):
         return True
-    if "\\cup" in s:
+    if "\\cup" in s or "\\pm" in s or "\\mp" in s:  # "1\pm\sqrt{19}" is a two-element set there
         return True
-    bracketed = (s[:1] in "([" and s[-1:] in ")]") or (s.startswith("\\{") and s.endswith("\\}"))
-    return bool(s) and bracketed and "," in s
+    # Thousands separators are gone (light_normalize), so a comma separates elements: math-verify reads
+    # "1,-2" and "1,5" as sets, "(3,4]" as an interval, "x\in[-2,7]" as one.
+    return "," in s.strip(",")
 
 
 # ---- multiple choice ----------------------------------------------------------------------------
@@ -376,7 +393,9 @@ def quick_check(pred: str, reference: str) -> Optional[tuple[float, str]]:
     # fixed sample points: equal everywhere -> the same polynomial / rational function (sympy agrees);
     # clearly apart somewhere -> different.
     val_p, val_r = constant_value(norm_p), constant_value(norm_r)
-    if not (light_p.count("=") or light_r.count("=")):
+    # "x=5" counts as its right side (math-verify unwraps a single-variable assignment too); other
+    # equations and relations are math-verify's.
+    if "=" not in norm_p and "=" not in norm_r:
         at_p, at_r = sample_values(norm_p), sample_values(norm_r)
         if at_p is not None and at_r is not None:
             gaps = [abs(a - b) / max(1.0, abs(a), abs(b)) for a, b in zip(at_p, at_r)]

@@ -132,7 +132,11 @@ class RewardScorer:
             pending.append(i)
             pairs.append((ref, pred))
         if pairs:
-            for i, v in zip(pending, self.pool.check(pairs)):
+            # A prompt's samples often repeat a (wrong) answer: check each distinct pair once.
+            unique = list(dict.fromkeys(pairs))
+            verdicts = dict(zip(unique, self.pool.check(unique)))
+            for i, pair in zip(pending, pairs):
+                v = verdicts[pair]
                 results[i] = RewardResult(float(v.equal), extracted[i], "math_verify", v.timed_out, v.parse_failed)
         for r in results:
             self._counts[r.rule] += 1
