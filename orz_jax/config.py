@@ -94,6 +94,8 @@ class RolloutConfig:
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
     # Prompts longer than max_prompt_len: drop them (counted), keep their last tokens, or fail.
     long_prompt: Literal["filter", "left_truncate", "error"] = "filter"
+    # Batched driver: decode steps per device call between host checks for finished samples / stop strings.
+    check_every: int = 8
 
 
 @dataclass
@@ -395,6 +397,7 @@ def validate(cfg: Config) -> None:
     _check(r.prefill_buckets[-1] >= r.max_prompt_len, "rollout.prefill_buckets",
            f"largest bucket {r.prefill_buckets[-1]} must be >= rollout.max_prompt_len={r.max_prompt_len}")
     _check(r.max_concurrent_decodes >= 1, "rollout.max_concurrent_decodes", "must be >= 1")
+    _check(r.check_every >= 1, "rollout.check_every", "must be >= 1")
 
     p = cfg.ppo
     _check(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
