@@ -156,7 +156,10 @@ def serve(conn, timeout_s: float | None, verifier: Verifier) -> None:
             return
         for index, reference, prediction in msg:
             equal, timed_out, failed = check_with_deadline(verifier, reference, prediction, timeout_s)
-            conn.send((index, equal, timed_out, failed))
+            try:
+                conn.send((index, equal, timed_out, failed))
+            except OSError:  # the parent went away (closed mid-batch): nothing left to answer
+                return
 
 
 def main(argv: list[str] | None = None) -> None:
