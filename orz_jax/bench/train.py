@@ -45,6 +45,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--torch", choices=["both", "eager", "compile", "none"], default="both")
     p.add_argument("--matmul", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tie", action="store_true", help="tie the LM head to the embedding (Qwen2.5 <= 3B)")
+    p.add_argument("--no-jax", action="store_true",
+                   help="skip the JAX side (on a GPU run torch in its own process: the two allocators do not share)")
     p.add_argument("--packing-only", action="store_true",
                    help="only report the padding saved by packing on an ORZ-like length mix")
     return p.parse_args(argv)
@@ -151,11 +154,16 @@ def matmul_peak(n: int) -> float:
 def torch_matmul_peak(n: int) -> float:
     import torch
 
-    a = torch.randn(n, n)
+    cuda = torch.cuda.is_available()
+    a = torch.randn(n, n, device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
     a @ a
+    if cuda:
+        torch.cuda.synchronize()
     reps, t = 0, time.perf_counter()
     while reps < 3 or time.perf_counter() - t < 1.0:
         a @ a
+        if cuda:
+            torch.cuda.synchronize()
         reps += 1
     return 2.0 * n ** 3 * reps / (time.perf_counter() - t)
 
@@ -211,6 +219,11 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
                       tie_word_embeddings=arch.tie_word_embeddings, use_sliding_window=False)
     cfg._attn_implementation = "sdpa"
     dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
 
     class ValueModel(torch.nn.Module):
         def __init__(self):
@@ -231,12 +244,13 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
     # same segment and causal; padding attends to itself only (an all-False row would give NaNs)
     mask4d = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & causal) | torch.eye(L, dtype=torch.bool)
     t["mask"] = mask4d[:, None]
+    t = {k: v.to(dev) for k, v in t.items()}
 
     def shift(x):
         return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
     def actor_micro(model, mb, denom):
-        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+        with torch.autocast(dev, dtype=dt, enabled=dt != torch.float32):
             logits = model(input_ids=mb["tokens"], attention_mask=mb["mask"], position_ids=mb["positions"]).logits
         logits = logits.float()
         logp = torch.log_softmax(logits, -1).gather(-1, torch.roll(mb["tokens"], -1, 1)[..., None])[..., 0]
@@ -248,7 +262,7 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
         return (pg * m).sum() / denom
 
     def critic_micro(model, mb, denom):
-        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+        with torch.autocast(dev, dtype=dt, enabled=dt != torch.float32):
             v = model(mb["tokens"], mb["mask"], mb["positions"])
         v = shift(v.float())
         old, ret, m = mb["old_values"], mb["returns"], mb["loss_mask"]
@@ -257,8 +271,9 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
         return (per * m).sum() / denom
 
     out = {}
-    for name, model, micro_fn, o in (("actor", Qwen2ForCausalLM(cfg), actor_micro, ppo.actor),
-                                     ("critic", ValueModel(), critic_micro, ppo.critic)):
+    for name, make, micro_fn, o in (("actor", lambda: Qwen2ForCausalLM(cfg), actor_micro, ppo.actor),
+                                    ("critic", ValueModel, critic_micro, ppo.critic)):
+        model = make().to(dev)  # float32 master weights, autocast compute (as the JAX side)
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
                                 weight_decay=o.weight_decay)
         fn = torch.compile(micro_fn) if compiled else micro_fn
@@ -279,11 +294,16 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
 
         tt = time.perf_counter()
         update()
+        sync()
         first = time.perf_counter() - tt
         tt = time.perf_counter()
         for _ in range(args.iters):
             loss = update()
+        sync()
         out[name] = dict(seconds=(time.perf_counter() - tt) / args.iters, first_call_s=first, loss=loss)
+        del model, opt
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -296,7 +316,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return packing_report(seed=args.seed)
     arch = ArchConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                      max_position_embeddings=max(32768, args.pack_len))
+                      max_position_embeddings=max(32768, args.pack_len), tie_word_embeddings=args.tie)
     opt = OptimConfig(lr=1e-6, warmup_steps=0)
     ppo = PPOConfig(actor=opt, critic=opt, actor_steps_per_batch=1, critic_steps_per_batch=1,
                     micro_batch_rows=args.micro_rows, pack_len=args.pack_len)
@@ -311,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     peak = matmul_peak(n)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
           f"measured matmul peak ({n}^3): JAX {peak / 1e12:.3f} TFLOP/s", end="")
-    if args.torch != "none" and jax.default_backend() == "cpu":
+    if args.torch != "none":
         tpeak = torch_matmul_peak(n)
         print(f", torch {tpeak / 1e12:.3f} TFLOP/s", end="")
         peak = max(peak, tpeak)
@@ -321,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"buffer: {rows} rows x {args.pack_len} = {rows * args.pack_len} slots, {len(seg_lens)} samples, "
           f"{tokens} real tokens ({tokens / (rows * args.pack_len):.1%} fill); micro-batch {args.micro_rows} rows")
 
-    results = {"jax": bench_jax(args, arch, ppo, batch)}
+    results = {} if args.no_jax else {"jax": bench_jax(args, arch, ppo, batch)}
     if args.torch in ("both", "eager"):
         results["torch eager"] = bench_torch(args, arch, ppo, batch, compiled=False)
     if args.torch in ("both", "compile"):
