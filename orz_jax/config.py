@@ -143,6 +143,7 @@ class SyntheticTaskConfig:
     min_ops: int = 1
     max_ops: int = 2
     max_operand: int = 20
+    ops: str = "+-*"  # operators to draw from (a subset of "+-*")
     seed: int = 0
 
 
@@ -155,7 +156,7 @@ class DataConfig:
     shuffle_seed: int = 0
     num_epochs: Optional[int] = None  # None: repeat forever
     on_bad_record: Literal["error", "skip"] = "error"
-    template: Literal["orz", "plain"] = "orz"
+    template: Literal["orz", "plain", "compact"] = "orz"
 
 
 @dataclass
@@ -196,6 +197,29 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The built-in demo base model (``model.checkpoint: demo``): a small char-level decoder that
+    the project pretrains itself on the synthetic task, cached on disk after the first run.
+
+    Pretraining targets show the true answer with probability ``correct_prob`` and a near miss
+    otherwise, so the base model 'knows' the arithmetic but is unreliable: the situation RL on a
+    base model starts from."""
+
+    hidden_size: int = 96
+    intermediate_size: int = 256
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    correct_prob: float = 0.35
+    seed: int = 0
+    cache_dir: Optional[str] = None  # None: $ORZ_JAX_CACHE or ~/.cache/orz_jax
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "demo"
     seed: int = 0
@@ -216,6 +240,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +454,8 @@ def validate(cfg: Config) -> None:
     s = d.synthetic
     _check(1 <= s.min_ops <= s.max_ops, "data.synthetic.max_ops", "need 1 <= min_ops <= max_ops")
     _check(s.max_operand >= 1, "data.synthetic.max_operand", "must be >= 1")
+    _check(len(s.ops) > 0 and set(s.ops) <= set("+-*") and len(set(s.ops)) == len(s.ops), "data.synthetic.ops",
+           f"must be distinct operators from '+-*', got {s.ops!r}")
 
     validate_reward(cfg.reward)
     _check(cfg.checkpoint.save_every >= 1, "checkpoint.save_every", "must be >= 1")
@@ -436,6 +463,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
     _check(cfg.experiment.num_iterations >= 0, "experiment.num_iterations", "must be >= 0")
+    _check(0 < cfg.demo.correct_prob <= 1, "demo.correct_prob", "must be in (0, 1]")
+    _check(cfg.demo.steps >= 1 and cfg.demo.batch_size >= 1, "demo.steps", "steps and batch_size must be >= 1")
 
 
 def validate_reward(rw: RewardConfig) -> None:

@@ -15,7 +15,7 @@ Two templates (``data.template``):
 
 from __future__ import annotations
 
-__all__ = ["ORZ_TEMPLATE", "PLAIN_TEMPLATE", "TEMPLATES", "format_prompt"]
+__all__ = ["ORZ_TEMPLATE", "PLAIN_TEMPLATE", "COMPACT_TEMPLATE", "TEMPLATES", "format_prompt"]
 
 ORZ_TEMPLATE = (
     "This is a dialogue between a User and an Assistant. The User poses a problem and the Assistant "
@@ -33,7 +33,11 @@ PLAIN_TEMPLATE = (
     "Assistant: <think>"
 )
 
-TEMPLATES = {"orz": ORZ_TEMPLATE, "plain": PLAIN_TEMPLATE}
+# The smallest framing that keeps the ORZ contract (User/Assistant turns, an open <think>): for the
+# built-in demo, whose char-level model pays for every prompt character on a 2-core CPU.
+COMPACT_TEMPLATE = "User: {question}\nAssistant: <think>"
+
+TEMPLATES = {"orz": ORZ_TEMPLATE, "plain": PLAIN_TEMPLATE, "compact": COMPACT_TEMPLATE}
 
 
 def format_prompt(question: str, template: str = "orz") -> str:

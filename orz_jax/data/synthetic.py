@@ -39,13 +39,13 @@ def evaluate_expression(operands: list[int], ops: list[str]) -> int:
     return sum(terms)
 
 
-def _count(num_ops: int, max_operand: int) -> int:
+def _count(num_ops: int, max_operand: int, num_op_kinds: int = len(OPS)) -> int:
     """Distinct expressions with ``num_ops`` operators."""
-    return max_operand ** (num_ops + 1) * len(OPS) ** num_ops
+    return max_operand ** (num_ops + 1) * num_op_kinds ** num_ops
 
 
 def synthetic_capacity(cfg: SyntheticTaskConfig) -> int:
-    return sum(_count(k, cfg.max_operand) for k in range(cfg.min_ops, cfg.max_ops + 1))
+    return sum(_count(k, cfg.max_operand, len(cfg.ops)) for k in range(cfg.min_ops, cfg.max_ops + 1))
 
 
 def generate_synthetic(cfg: SyntheticTaskConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
@@ -67,10 +67,10 @@ def generate_synthetic(cfg: SyntheticTaskConfig) -> tuple[list[PromptRecord], li
     while len(out) < need:
         # Only operator counts whose expressions are not all used yet, so a full bucket (few
         # operators, small max_operand) never stalls the loop.
-        open_ks = [k for k, n in per_k.items() if n < _count(k, cfg.max_operand)]
+        open_ks = [k for k, n in per_k.items() if n < _count(k, cfg.max_operand, len(cfg.ops))]
         k = rng.choice(open_ks)
         operands = [rng.randint(1, cfg.max_operand) for _ in range(k + 1)]
-        ops = [rng.choice(OPS) for _ in range(k)]
+        ops = [rng.choice(cfg.ops) for _ in range(k)]
         expr = " ".join([str(operands[0])] + [f"{o} {x}" for o, x in zip(ops, operands[1:])])
         if expr in seen:
             continue
