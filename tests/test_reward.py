@@ -76,6 +76,9 @@ CASES = [
     (orz("(x+1)^2"), "x^2+2x+1", "stop", 1.0, "numeric"),
     (orz("x^2+1"), "x^2-1", "stop", 0.0, "numeric"),
     (orz("9"), "8n^2 + 4n + 1", "stop", 0.0, "numeric"),
+    (orz("x\\sin x"), "2", "stop", 0.0, "numeric"),  # with functions: only "different" is decided cheaply
+    (orz("\\cos x"), "\\sin x", "stop", 0.0, "numeric"),
+    (orz("\\sin^2 x+\\cos^2 x"), "1", "stop", 1.0, "math_verify"),  # an identity: sympy's to prove
     (orz("\\text{Evelyn}"), "\\text{Evelyn}", "stop", 1.0, "exact"),
     (orz("\\text{east}"), "\\text{Evelyn}", "stop", 0.0, "math_verify"),
     (orz("3"), "\\text{east}", "stop", 0.0, "numeric"),
@@ -137,7 +140,7 @@ def test_cheap_rules_agree_with_math_verify():
     pairs = [(extract_answer(c[0]), c[1]) for c in CASES if c[2] == "stop" and extract_answer(c[0])]
     pairs += [("0.333333", "\\frac{1}{3}"), ("0.3333", "\\frac{1}{3}"), ("\\pi", "3.14159265"), ("15 m", "15"),
               ("5d", "5"), ("2", "\\{2\\}"), ("i^2+2", "1"), ("3 \\pm 1", "3"), ("\\pm 3", "3"), ("2, 2", "2"),
-              ("\\{1,1\\}", "1"), ("(2,\\infty)", "5"), ("x \\in [-2,7]", "11"), ("1,-2", "440"), ("5, 5.00001", "5"), ("n", "C"), ("x^2", "y^2"), ("1,5", "1.5"), ("17", "k=17")]
+              ("\\{1,1\\}", "1"), ("(2,\\infty)", "5"), ("\\frac{\\sin x}{x}", "1"), ("e^{2x}", "7"), ("x \\in [-2,7]", "11"), ("1,-2", "440"), ("5, 5.00001", "5"), ("n", "C"), ("x^2", "y^2"), ("1,5", "1.5"), ("17", "k=17")]
     decided = 0
     for pred, ref in pairs:
         if ref.startswith("\\text{(") or len(ref) == 1 and ref.isupper():

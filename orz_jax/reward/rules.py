@@ -122,7 +122,17 @@ def _clearly_different(a: Fraction, b: Fraction) -> bool:
 
 # ---- constant expressions ------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"\d+\.?\d*|\.\d+|\\(?:frac|sqrt|pi|cdot|times)(?![a-zA-Z])|[-+*/^(){}]|[a-zA-Z]")
+_TOKEN = re.compile(
+    r"\d+\.?\d*|\.\d+|\\(?:frac|sqrt|pi|cdot|times|sin|cos|tan|cot|sec|csc|ln|exp|arcsin|arccos|arctan)(?![a-zA-Z])"
+    r"|[-+*/^(){}]|[a-zA-Z]"
+)
+# Functions, for "different" verdicts only (a trigonometric identity sympy cannot prove would be a
+# "yes" here and a "no" there). \log is left out: its base differs between readers.
+_FUNCS = {
+    "\\sin": math.sin, "\\cos": math.cos, "\\tan": math.tan,
+    "\\cot": lambda x: 1.0 / math.tan(x), "\\sec": lambda x: 1.0 / math.cos(x), "\\csc": lambda x: 1.0 / math.sin(x),
+    "\\ln": math.log, "\\exp": math.exp, "\\arcsin": math.asin, "\\arccos": math.acos, "\\arctan": math.atan,
+}  # fmt: skip
 # Letters math-verify may read as constants ("e" = E). A plain "i" stays a symbol there ("i^2+2" != 1), so it
 # is a variable here too.
 _NOT_VARIABLES = frozenset("eEIj")
@@ -130,7 +140,7 @@ _NOT_VARIABLES = frozenset("eEIj")
 # so an expression that ends in one of its one-letter units (possibly squared) is left to math-verify.
 _ENDS_IN_LETTER = re.compile(r"[tochlsgmd](?:\^\{?\d+\}?)?$")  # its one-letter units
 # Fixed sample points for variables: identity testing of polynomial / rational expressions.
-_POINTS = (0.5377, 1.8339, -2.2588)
+_POINTS = (0.5377, 1.8339, 1.3597)  # positive, so \sqrt and \ln of a variable stay defined
 _VALUE_LIMIT = 1e15
 
 
@@ -150,9 +160,13 @@ class _ConstParser:
 
     def __init__(self, s: str, env: Optional[dict[str, float]] = None):
         self.env = env or {}
+        self.used_function = False
         self.toks: list[str] = []
         pos = 0
         while pos < len(s):
+            if s[pos] == " ":  # kept by light_normalize only between a command and a letter
+                pos += 1
+                continue
             m = _TOKEN.match(s, pos)
             if m is None:
                 raise _NotConstant(s[pos:])
@@ -185,7 +199,11 @@ class _ConstParser:
 
     def _starts_atom(self, tok: Optional[str]) -> bool:
         return tok is not None and (
-            tok[0].isdigit() or tok[0] == "." or tok.isalpha() or tok in ("\\frac", "\\sqrt", "\\pi", "(")
+            tok[0].isdigit()
+            or tok[0] == "."
+            or tok.isalpha()
+            or tok in ("\\frac", "\\sqrt", "\\pi", "(")
+            or tok in _FUNCS
         )
 
     def term(self) -> float:
@@ -254,6 +272,22 @@ class _ConstParser:
             num = self.frac_arg()
             den = self.frac_arg()
             return num / den
+        if tok in _FUNCS:
+            self.used_function = True
+            nxt = self.peek()
+            if nxt in ("(", "{"):
+                self.take()
+                arg = self.expr()
+                self.take(")" if nxt == "(" else "}")
+            else:
+                # "\sin x" but not "\sin^2x", "\sin 2x" (sin(2x) or sin(2)x?), "\ln x^2", "\sin x\cos x"
+                if nxt is None or not (nxt.isalpha() or nxt[0].isdigit()):
+                    raise _NotConstant(tok)
+                arg = self.atom()
+                after = self.peek()
+                if after == "^" or self._starts_atom(after):
+                    raise _NotConstant(tok)
+            return float(_FUNCS[tok](arg))
         if tok == "\\sqrt":
             v = self.braced()
             if v < 0:
@@ -279,28 +313,31 @@ class _ConstParser:
         return v
 
 
-def _evaluate(s: str, env: Optional[dict[str, float]] = None) -> Optional[float]:
+def _evaluate(s: str, env: Optional[dict[str, float]] = None, functions: bool = False) -> Optional[float]:
     try:
-        v = _ConstParser(s, env).parse()
+        parser = _ConstParser(s, env)
+        v = parser.parse()
     except (_NotConstant, ZeroDivisionError, OverflowError, ValueError, TypeError):
+        return None
+    if parser.used_function and not functions:
         return None
     return v if isinstance(v, float) and math.isfinite(v) and abs(v) < _VALUE_LIMIT else None
 
 
 def constant_value(s: str) -> Optional[float]:
-    """Value of ``s`` (a ``normalize``d answer) if it is an arithmetic constant, else None."""
+    """Value of ``s`` (a ``normalize``d answer) if it is an arithmetic constant (no functions), else None."""
     return _evaluate(s) if len(s) <= 200 else None
 
 
-def sample_values(s: str) -> Optional[tuple[float, ...]]:
+def sample_values(s: str, functions: bool = False) -> Optional[tuple[float, ...]]:
     """Values of ``s`` at ``len(_POINTS)`` fixed points for its single-letter variables (all equal for a
     constant); None if ``s`` is not such an expression, names ``e`` / ``E`` / ``I`` / ``j``, or may end in
-    a unit math-verify would strip."""
+    a unit math-verify would strip. ``functions``: allow ``\\sin``, ``\\ln``, ... (for "different" only)."""
     if len(s) > 200:
         return None
     letters = sorted(set(re.findall(r"(?<!\\)[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", s))))
     if not letters:
-        v = _evaluate(s)
+        v = _evaluate(s, functions=functions)
         return None if v is None else (v,) * len(_POINTS)
     if _NOT_VARIABLES.intersection(letters) or _ENDS_IN_LETTER.search(s):
         return None
@@ -308,7 +345,7 @@ def sample_values(s: str) -> Optional[tuple[float, ...]]:
     for k, x in enumerate(_POINTS):
         # A value per letter *name* (both sides must give "n" the same value and "C" another one) and point.
         env = {c: x * (1.0 + 0.0917 * (ord(c) - 64)) + 0.0311 * ord(c) * (k + 1) for c in letters}
-        v = _evaluate(s, env)
+        v = _evaluate(s, env, functions)
         if v is None:
             return None
         out.append(v)
@@ -439,6 +476,12 @@ def quick_check(pred: str, reference: str) -> Optional[tuple[float, str]]:
             if max(gaps) > 1e-4:
                 return 0.0, "numeric"
             return None
+        # With functions ("-\ln|x|+C" aside: "e^{2x}\cos x", "\frac{\sin x}{x}") only "different" is safe.
+        at_p, at_r = sample_values(norm_p, functions=True), sample_values(norm_r, functions=True)
+        if at_p is not None and at_r is not None:
+            gaps = [abs(a - b) / max(1.0, abs(a), abs(b)) for a, b in zip(at_p, at_r)]
+            if max(gaps) > 1e-3:
+                return 0.0, "numeric"
     # A number against a word ("\text{east}") or against a collection of >= 2 things.
     if val_p is not None or val_r is not None:
         other = light_r if val_p is not None else light_p
