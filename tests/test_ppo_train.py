@@ -209,6 +209,8 @@ def test_critic_takes_configured_steps_and_row_errors(setup):
     assert any(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(jax.tree.leaves(c.params), jax.tree.leaves(before)))
     c, _ = fns.critic_step(c, pb)
     assert fns.critic_step._cache_size() == 1
+    # the steps donated the state, not the module it was made from
+    assert np.isfinite(np.asarray(cri(pb.tokens[:1], pb.positions[:1], pb.segment_ids[:1]))).all()
     odd = jax.tree.map(lambda x: x[:lay.num_rows - 1], pb)
     with pytest.raises(ValueError, match="do not split into 3 optimizer steps"):
         fns.critic_step(c, odd)
@@ -260,10 +262,13 @@ for name, mesh_cfg in (("single", None), ("fsdp8", MeshConfig(fsdp=8)), ("fsdp4_
     pol, cri = make_models()
     a, c = create_train_state(pol, opt, mesh), create_train_state(cri, opt, mesh)
     fns = PPOFunctions.build(cfg, mesh, a, c)
+    rewards = (np.arange(len(lay.row)) % 3 == 0).astype(np.float32)
+    prep = fns.prepare_batch(a, c, pb, lay.response_index, data[3], rewards, np.arange(len(lay.row)) // 4)
+    prepared = {k: np.asarray(getattr(prep, k)).tolist() for k in ("old_logprobs", "old_values", "advantages")}
     a, ma = fns.actor_step(a, pb)
     c, mc = fns.critic_step(c, pb)
     res = {"params": [np.asarray(x).tolist() for x in jax.tree.leaves(a.params) + jax.tree.leaves(c.params)],
-           "metrics": {k: float(v) for k, v in {**ma, **mc}.items()}}
+           "metrics": {k: float(v) for k, v in {**ma, **mc}.items()}, "prepared": prepared}
     if mesh is not None:
         split = [x for x in jax.tree.leaves(a.params) if x.sharding.shard_shape(x.shape) != x.shape]
         res["split"] = len(split)
@@ -287,8 +292,9 @@ def sharded_run():
 
 
 def test_sharded_steps_equal_single_device(sharded_run):
-    """One actor step and one critic step (2 mini-batches) on meshes fsdp=8 and fsdp=4 x tensor=2 ==
-    the single-device step; parameters really are split; the second call does not recompile."""
+    """prepare_batch (old log-probs, values, advantages), one actor step and one critic step (2
+    mini-batches) on meshes fsdp=8 and fsdp=4 x tensor=2 == single device; parameters really are
+    split; the second call does not recompile."""
     out = finish(sharded_run)
     ref = out["single"]
     for name in ("fsdp8", "fsdp4_tp2"):
@@ -298,6 +304,8 @@ def test_sharded_steps_equal_single_device(sharded_run):
         assert (res["tensor_split"] > 0) == (name == "fsdp4_tp2")
         for k, v in ref["metrics"].items():
             np.testing.assert_allclose(res["metrics"][k], v, rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
+        for k, v in ref["prepared"].items():
+            np.testing.assert_allclose(res["prepared"][k], v, rtol=1e-5, atol=1e-5, err_msg=f"{name} prepare_batch {k}")
         # lr = 1e-3 and Adam moves a parameter by at most ~lr per step: agree to 0.1% of that
         for x, y in zip(res["params"], ref["params"]):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6, err_msg=name)

@@ -93,11 +93,16 @@ def batch_shardings(mesh: Mesh) -> PackedBatch:
 
 def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None) -> TrainState:
     """Split ``model`` into a TrainState and initialise the optimizer; with a mesh, every leaf is
-    placed by :func:`train_state_shardings` (the optimizer state is created sharded, never whole)."""
+    placed by :func:`train_state_shardings` (the optimizer state is created sharded, never whole).
+
+    The state holds fresh copies of the parameters (the jitted init writes new buffers), so ``model``
+    stays usable after the steps donate the state."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(o)
 
     def init(params, rest):
+        # explicit copies: the steps donate the state, and the caller's module must not lose its arrays
+        params, rest = jax.tree.map(jnp.copy, (params, rest))
         return TrainState(graphdef=graphdef, params=params, opt_state=tx.init(params),
                           step=jnp.zeros((), jnp.int32), rest=rest)
 
