@@ -17,7 +17,10 @@ from orz_jax.reward.rules import quick_check
 
 def orz(box: str) -> str:
     """An ORZ-style response whose answer tag holds ``\\boxed{box}``."""
-    return f"<think> Some reasoning about \\boxed{{wrong}} first. </think> <answer> So it is \\boxed{{{box}}}. </answer>"
+    return (
+        "<think> Some reasoning about \\boxed{wrong} first. </think> "
+        f"<answer> So it is \\boxed{{{box}}}. </answer>"
+    )
 
 
 # ---- extraction ---------------------------------------------------------------------------------
@@ -140,7 +143,9 @@ def test_cheap_rules_agree_with_math_verify():
     pairs = [(extract_answer(c[0]), c[1]) for c in CASES if c[2] == "stop" and extract_answer(c[0])]
     pairs += [("0.333333", "\\frac{1}{3}"), ("0.3333", "\\frac{1}{3}"), ("\\pi", "3.14159265"), ("15 m", "15"),
               ("5d", "5"), ("2", "\\{2\\}"), ("i^2+2", "1"), ("3 \\pm 1", "3"), ("\\pm 3", "3"), ("2, 2", "2"),
-              ("\\{1,1\\}", "1"), ("(2,\\infty)", "5"), ("\\frac{\\sin x}{x}", "1"), ("e^{2x}", "7"), ("x \\in [-2,7]", "11"), ("1,-2", "440"), ("5, 5.00001", "5"), ("n", "C"), ("x^2", "y^2"), ("1,5", "1.5"), ("17", "k=17")]
+              ("\\{1,1\\}", "1"), ("(2,\\infty)", "5"), ("\\frac{\\sin x}{x}", "1"), ("e^{2x}", "7"),
+              ("x \\in [-2,7]", "11"), ("1,-2", "440"), ("5, 5.00001", "5"), ("n", "C"), ("x^2", "y^2"),
+              ("1,5", "1.5"), ("17", "k=17")]
     decided = 0
     for pred, ref in pairs:
         if ref.startswith("\\text{(") or len(ref) == 1 and ref.isupper():

@@ -98,8 +98,9 @@ class _Worker:
 class VerifyPool:
     """``cfg.num_workers`` math-verify processes. ``check(pairs)`` blocks until every pair has a verdict.
 
-    Workers start at construction (in the background; a fresh one takes ~1 s to import sympy) and live
-    until :meth:`close`. Thread-safe: concurrent ``check`` calls are serialised.
+    Workers start at construction, in the background (a fresh one takes 1-5 s to import sympy and run
+    its warm-up checks), and live until :meth:`close`. Thread-safe: concurrent ``check`` calls are
+    serialised.
     """
 
     def __init__(self, cfg: RewardConfig):
