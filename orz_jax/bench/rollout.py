@@ -77,22 +77,43 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _hf_generate_tps(policy, prompts: np.ndarray, new_tokens: int, repeat: int) -> Optional[float]:
+def _hf_generate_tps(policy, prompts: np.ndarray, new_tokens: int, repeat: int, dtype: str) -> Optional[float]:
+    """transformers ``generate`` on the same weights (exported with ``export_hf``), timed in a fresh process:
+    on a CPU, PyTorch next to a JAX runtime that has run computations is slowed down many times over by
+    the two thread pools competing (seen here: 2 s instead of 0.04 s for the same call)."""
     try:
-        import torch
-        import transformers
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError:
         return None
+    import multiprocessing
+
     from orz_jax.models.hf_io import export_hf
 
     with tempfile.TemporaryDirectory() as d:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(policy, d), dtype=torch.float32).eval()
-    ids = torch.tensor(prompts, dtype=torch.long)
+        export_hf(policy, d, dtype=dtype)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_hf_worker, (d, prompts, new_tokens, repeat, dtype))
+
+
+def _hf_worker(path: str, prompts: np.ndarray, new_tokens: int, repeat: int, dtype: str) -> float:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.tensor(prompts, dtype=torch.long, device=device)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def call():
+        hf.generate(ids, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     with torch.no_grad():
-        hf.generate(ids, **kw)  # warm-up
-        best = min(_timed(lambda: hf.generate(ids, **kw)) for _ in range(repeat))
+        call()  # warm-up
+        best = min(_timed(call) for _ in range(repeat))
     return prompts.shape[0] * new_tokens / best
 
 
@@ -126,8 +147,9 @@ def run(arch: ArchConfig, batch_sizes: Sequence[int], prompt_len: int, new_token
         if len(outputs) == 2:
             row["drivers_agree"] = bool(np.array_equal(*(o.response_ids for o in outputs.values())))
         if with_hf:
-            row["hf_tps"] = _hf_generate_tps(policy, prompts, new_tokens, repeat)
+            row["hf_tps"] = _hf_generate_tps(policy, prompts, new_tokens, repeat, dtype)
         rows.append(row)
+        print(json.dumps(row), flush=True)
         del engine
     return rows
 

@@ -39,5 +39,5 @@ for _h in list(_root.handlers):
     if _h not in _handlers:
         _root.removeHandler(_h)
 
-__all__ = ["config_lib", "engine_api", "orchestrator", "server_lib", "jetstream_pb2", "jetstream_pb2_grpc", "token_utils",
-           "tokenizer_api", "tokenizer_pb2"]
+__all__ = ["config_lib", "engine_api", "orchestrator", "server_lib", "jetstream_pb2", "jetstream_pb2_grpc",
+           "token_utils", "tokenizer_api", "tokenizer_pb2"]

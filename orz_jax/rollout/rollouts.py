@@ -8,7 +8,7 @@
 Two drivers over the same engine, chosen by ``rollout.driver``:
 
 * ``"batched"``: static batching in waves of ``max_concurrent_decodes`` requests. Each distinct prompt of a
-  wave is prefilled once and inserted into its n slots; then ``check_every`` decode steps run per device
+  wave is prefilled once and inserted into its n slots; then ``rollout.check_every`` decode steps run per device
   call, after which the host fetches the new tokens once (the only sync) to look for stop strings. A wave
   ends when all of its slots have finished.
 * ``"orchestrator"``: JetStream's own ``orchestrator.Driver`` in process (prefill, transfer, generate
@@ -50,7 +50,10 @@ class RolloutBatch:
     prompt_lens: np.ndarray  # [n] int32
     response_ids: np.ndarray  # [n, max_response_len] int32, 0-padded after the end
     response_mask: np.ndarray  # [n, max_response_len] int32: 1 for generated tokens incl. the stop token
-    logprobs: np.ndarray  # [n, max_response_len] float32: sampling log-prob of each token (0 where masked)
+    # [n, max_response_len] float32: log-prob of each token under the sampling distribution (after temperature,
+    # top-k, top-p; see orz_jax.rollout.sampling), 0 where masked. With temperature 1, top_p 1, top_k 0 this is
+    # the policy's log_softmax: PPO's old log-probs.
+    logprobs: np.ndarray
     prompt_index: np.ndarray  # [n] int32: index of the prompt in the caller's list
     stop_reason: list[str] = flax.struct.field(pytree_node=False)  # "stop" (EOS / stop string) | "length"
     texts: list[str] = flax.struct.field(pytree_node=False)  # decoded response (special tokens skipped)
@@ -281,7 +284,7 @@ def _run_orchestrator(engine: RolloutEngine, requests: list[tuple[int, list[int]
 
 def generate_rollouts(engine: RolloutEngine, prompt_ids: Sequence[Sequence[int]], n_samples: int,
                       rng: Union[int, jax.Array], cfg: RolloutConfig, *, driver: Optional[str] = None,
-                      check_every: int = 8, timeout_s: Optional[float] = None) -> RolloutBatch:
+                      check_every: Optional[int] = None, timeout_s: Optional[float] = None) -> RolloutBatch:
     """Sample ``n_samples`` responses for every prompt with the engine's current parameters.
 
     Args:
@@ -290,7 +293,8 @@ def generate_rollouts(engine: RolloutEngine, prompt_ids: Sequence[Sequence[int]]
         whichever driver runs them.
       cfg: sampling (temperature / top_p / top_k), ``max_response_len`` (<= the engine's), stop strings,
         ``long_prompt`` policy and ``driver`` (overridden by ``driver=``).
-      check_every: batched driver: decode steps per device call between host checks.
+      check_every: batched driver: decode steps per device call between host checks (default
+        ``rollout.check_every``).
       timeout_s: orchestrator driver: give up after this long (None: wait).
     """
     driver = driver or cfg.driver
@@ -304,7 +308,7 @@ def generate_rollouts(engine: RolloutEngine, prompt_ids: Sequence[Sequence[int]]
                   for _ in requests]
     if requests:
         if driver == "batched":
-            _run_batched(engine, requests, collectors, check_every)
+            _run_batched(engine, requests, collectors, check_every or cfg.check_every)
         elif driver == "orchestrator":
             _run_orchestrator(engine, requests, collectors, timeout_s)
         else:
