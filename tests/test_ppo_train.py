@@ -197,7 +197,11 @@ def test_actor_minibatch_steps_and_accumulation(setup):
 
 
 def test_critic_takes_configured_steps_and_row_errors(setup):
-    _, cri, data = setup
+    """3 critic steps per buffer, here with bfloat16 parameters (the optimizer state keeps their dtype
+    across the scanned steps); a row count that does not split fails with a clear message."""
+    _, _, data = setup
+    cri = Critic(ARCH, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat="none", head_init_std=0.5,
+                 rngs=nnx.Rngs(5))
     cfg = PPOConfig(critic_steps_per_batch=3, micro_batch_rows=1, pack_len=16)
     assert required_row_multiple(cfg) == 3
     pb, lay = packed(*data, pack_len=16, row_multiple=required_row_multiple(cfg))
@@ -206,6 +210,7 @@ def test_critic_takes_configured_steps_and_row_errors(setup):
     before = jax.tree.map(np.asarray, c.params)
     c, m = fns.critic_step(c, pb)
     assert int(c.step) == 3 and np.isfinite(float(m["critic/value_loss"]))
+    assert {x.dtype for x in jax.tree.leaves(c.params)} == {jnp.dtype(jnp.bfloat16)}
     assert any(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(jax.tree.leaves(c.params), jax.tree.leaves(before)))
     c, _ = fns.critic_step(c, pb)
     assert fns.critic_step._cache_size() == 1

@@ -231,6 +231,9 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
         metrics[f"{what}/grad_norm"] = optax.global_norm(grads)  # before clipping
         metrics[f"{what}/lr"] = schedule(step)
         metrics[f"{what}/tokens_per_step"] = jnp.sum(mb.loss_mask)
+        # accumulated in f32; handed to the optimizer in the parameter dtype so that its state keeps
+        # one dtype across steps (bf16 params -> bf16 moments; float32 master params are the default)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, opt_state, step + 1), metrics
