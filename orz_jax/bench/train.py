@@ -18,6 +18,9 @@ sample), not the padding or the masked-out attention the kernels may compute.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -47,7 +50,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tie", action="store_true", help="tie the LM head to the embedding (Qwen2.5 <= 3B)")
     p.add_argument("--no-jax", action="store_true",
-                   help="skip the JAX side (on a GPU run torch in its own process: the two allocators do not share)")
+                   help="the torch side only; a full run starts itself with this flag in a fresh process")
     p.add_argument("--packing-only", action="store_true",
                    help="only report the padding saved by packing on an ORZ-like length mix")
     return p.parse_args(argv)
@@ -310,7 +313,23 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
 # ----------------------------------------------------------------------------------------------
 
 
+def _torch_in_subprocess(argv: list[str]) -> tuple[dict, float]:
+    """Run the PyTorch side in a fresh process: JAX's CPU thread pool (or its GPU allocator) in the
+    same process slows torch down, which would flatter the JAX numbers."""
+    cmd = [sys.executable, "-m", "orz_jax.bench.train", *argv, "--no-jax"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith(_JSON_TAG)]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"torch benchmark failed ({' '.join(cmd)}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    out = json.loads(lines[-1][len(_JSON_TAG):])
+    return out["results"], out["peak"]
+
+
+_JSON_TAG = "BENCH_JSON "
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     if args.packing_only:
         return packing_report(seed=args.seed)
@@ -327,26 +346,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows = batch.tokens.shape[0]
     flops = {"actor": train_flops(arch, seg_lens, arch.vocab_size), "critic": train_flops(arch, seg_lens, 1)}
 
-    n = args.matmul or (2048 if jax.default_backend() == "cpu" else 8192)
-    peak = matmul_peak(n)
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}); "
-          f"measured matmul peak ({n}^3): JAX {peak / 1e12:.3f} TFLOP/s", end="")
-    if args.torch != "none":
-        tpeak = torch_matmul_peak(n)
-        print(f", torch {tpeak / 1e12:.3f} TFLOP/s", end="")
-        peak = max(peak, tpeak)
-    print()
+    if args.no_jax:  # the torch side only (normally as the child of a full run); never touches a JAX backend
+        import torch
+
+        n = args.matmul or (8192 if torch.cuda.is_available() else 2048)
+        results = {}
+        if args.torch in ("both", "eager"):
+            results["torch eager"] = bench_torch(args, arch, ppo, batch, compiled=False)
+        if args.torch in ("both", "compile"):
+            results["torch.compile"] = bench_torch(args, arch, ppo, batch, compiled=True)
+        peaks = {"torch": torch_matmul_peak(n)}
+    else:
+        results, peaks = {}, {}
+        if args.torch != "none":
+            results, peaks["torch"] = _torch_in_subprocess(argv)
+        n = args.matmul or (2048 if jax.default_backend() == "cpu" else 8192)
+        peaks["JAX"] = matmul_peak(n)
+        results = {"jax": bench_jax(args, arch, ppo, batch), **results}
+    peak = max(peaks.values())
+
+    device = "torch-only process" if args.no_jax else \
+        f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+    print(f"device: {device}; measured matmul peak ({n}^3): "
+          + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, mlp "
           f"{args.intermediate}, vocab {args.vocab}, compute {args.dtype}, remat {args.remat}")
     print(f"buffer: {rows} rows x {args.pack_len} = {rows * args.pack_len} slots, {len(seg_lens)} samples, "
           f"{tokens} real tokens ({tokens / (rows * args.pack_len):.1%} fill); micro-batch {args.micro_rows} rows")
-
-    results = {} if args.no_jax else {"jax": bench_jax(args, arch, ppo, batch)}
-    if args.torch in ("both", "eager"):
-        results["torch eager"] = bench_torch(args, arch, ppo, batch, compiled=False)
-    if args.torch in ("both", "compile"):
-        results["torch.compile"] = bench_torch(args, arch, ppo, batch, compiled=True)
-
     print(f"{'impl':<14} {'model':<7} {'s/update':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'1st call s':>10} {'loss':>10}")
     for impl, res in results.items():
@@ -355,6 +381,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             r.update(tokens_per_s=tokens / r["seconds"], tflops=achieved / 1e12, mfu=achieved / peak)
             print(f"{impl:<14} {name:<7} {r['seconds']:>9.3f} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.3f} "
                   f"{r['mfu']:>6.1%} {r['first_call_s']:>10.1f} {r['loss']:>10.4f}")
+    if args.no_jax:
+        print(_JSON_TAG + json.dumps({"results": results, "peak": peaks["torch"]}))
     return results
 
 
