@@ -49,19 +49,22 @@ class _BenchTokenizer:
         return ""
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeat: int = 5) -> float:
+def copy_bandwidth(nbytes: Optional[int] = None, repeat: int = 5) -> float:
     """Measured memory bandwidth in bytes/s of the default JAX device: a large copy, read + write counted.
 
     On CPU a ``numpy.copyto`` into a preallocated array (XLA's CPU copy into a fresh output pays page
-    faults and measures ~7x less); on accelerators a jitted, donated ``a + 0`` (in place, no allocation).
+    faults and measures ~7x less); on accelerators a jitted, donated ``a + 1`` (in place, no allocation;
+    ``a + 0`` would be folded away to no copy at all).
     """
     if jax.default_backend() == "cpu":
+        nbytes = nbytes or 256 << 20
         src = np.ones((nbytes // 4,), np.float32)
         dst = np.empty_like(src)
         np.copyto(dst, src)
         best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeat))
     else:
-        copy = jax.jit(lambda a: a + 0.0, donate_argnums=0)
+        nbytes = nbytes or 1 << 30  # H100: 256 MiB reads ~1.7 TB/s (launch-bound), 1 GiB ~2.4 TB/s
+        copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
         box = [copy(jax.numpy.ones((nbytes // 4,), jax.numpy.float32)).block_until_ready()]
 
         def step():
