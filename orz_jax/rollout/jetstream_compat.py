@@ -11,13 +11,18 @@ Why it exists:
   time, which floods every JAX compile log line into our output; we restore the previous root
   logger state right after the import.
 * Its dependency list pulls seqio (and with it TensorFlow) for its own tokenizers; we never use
-  them, but they must be installed for ``jetstream.engine`` to import.
+  them, but ``jetstream.engine`` imports two seqio classes at import time. ``pip install`` brings
+  seqio along; where it is absent (a GPU/TPU image without TensorFlow, where the package was
+  installed with ``--no-deps``) a two-class placeholder module stands in, and using it raises.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
+import types
 
 # seqio imports TensorFlow, which prints CUDA/oneDNN banners on every start; keep them quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,6 +31,27 @@ import jax  # noqa: E402
 
 if not hasattr(jax, "tree_map"):
     jax.tree_map = jax.tree.map  # removed in JAX 0.6; JetStream 0.2.2 still calls it
+
+
+def _install_seqio_placeholder() -> None:
+    """``seqio.vocabularies.{Vocabulary, SentencePieceVocabulary}`` for JetStream's own tokenizers,
+    which this project never instantiates (it brings its own through ``build_tokenizer``)."""
+
+    class _Unavailable:
+        def __init__(self, *args, **kwargs):
+            raise ImportError("seqio is not installed: JetStream's built-in tokenizers are unavailable "
+                              "(orz_jax passes its own tokenizer to the engine)")
+
+    vocab = types.ModuleType("seqio.vocabularies")
+    vocab.Vocabulary = type("Vocabulary", (_Unavailable,), {})
+    vocab.SentencePieceVocabulary = type("SentencePieceVocabulary", (_Unavailable,), {})
+    pkg = types.ModuleType("seqio")
+    pkg.vocabularies = vocab
+    sys.modules.update({"seqio": pkg, "seqio.vocabularies": vocab})
+
+
+if "seqio" not in sys.modules and importlib.util.find_spec("seqio") is None:
+    _install_seqio_placeholder()
 
 _root = logging.getLogger()
 _level, _handlers = _root.level, list(_root.handlers)
