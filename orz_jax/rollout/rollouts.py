@@ -16,6 +16,14 @@ Two drivers over the same engine, chosen by ``rollout.driver``:
   thread is replaced (see :class:`_RolloutDriver`), to keep each token's log-prob and to finish a request on
   a stop string.
 
+Caveats of the orchestrator driver (JetStream 0.2.2's design): an exception inside its prefill / generate
+threads kills the whole process (``JetThread``); and a slot finished by a stop string keeps decoding on
+the device until it is reused (the generate thread owns the decode state). The batched driver raises
+normally and releases such slots.
+
+An engine serves one caller at a time: ``generate_rollouts`` resets its request counter and sampling
+settings, so do not run it on an engine that a gRPC server is using.
+
 Completion of a sample (the same rules in both drivers; the device applies the first two as well):
 EOS id sampled -> "stop"; ``max_response_len`` tokens -> "length"; a string of ``rollout.stop_strings``
 appears in the decoded response -> "stop". The token that ends a sample is kept (mask 1); nothing after it
