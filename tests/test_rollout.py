@@ -336,7 +336,8 @@ def test_long_prompt_error_names_the_prompt(engine, prompts):
 
 def test_long_prompt_filter_and_left_truncate(engine, prompts):
     long = list(range(4, 24))
-    filt = generate_rollouts(engine, [prompts[0], long, prompts[2]], 2, 0, dataclasses.replace(CFG, long_prompt="filter"))
+    filt = generate_rollouts(engine, [prompts[0], long, prompts[2]], 2, 0,
+                             dataclasses.replace(CFG, long_prompt="filter"))
     assert filt.dropped_prompts == (1,) and filt.prompt_index.tolist() == [0, 0, 2, 2]
     ref = generate_rollouts(engine, [prompts[0], prompts[2]], 2, 0, CFG)
     np.testing.assert_array_equal(filt.response_ids, ref.response_ids)

@@ -33,7 +33,6 @@ is. Token ids are the sampled ones (decoded text is only inspected, never re-tok
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from typing import Any, Optional, Sequence, Union
 
