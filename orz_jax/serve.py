@@ -85,6 +85,9 @@ def build_engine(args: argparse.Namespace) -> RolloutEngine:
     if args.prefill_buckets:
         buckets = [int(b) for b in args.prefill_buckets.split(",")]
         overrides += [f"rollout.prefill_buckets={buckets}", f"rollout.max_prompt_len={buckets[-1]}"]
+    # Serving never packs training rows: keep the trainer's check (ppo.pack_len >= prompt + response) from
+    # rejecting long serving lengths.
+    overrides.append(f"ppo.pack_len={1 << 30}")
     cfg = load_config(args.config, overrides)
 
     from orz_jax.models.hf_io import load_hf
