@@ -154,11 +154,15 @@ class Attention(nnx.Module):
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
             mask &= k_idx[:, None, :] <= q_idx[:, :, None]  # [batch, q, k]
         else:
-            write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice(c, new, (i, 0, 0)))
-            ck = write(cache.k[layer], k.astype(cache.k.dtype), cache.lengths)  # [batch, max_len, kv_heads, head_dim]
-            cv = write(cache.v[layer], v.astype(cache.v.dtype), cache.lengths)
-            cache = cache.replace(k=cache.k.at[layer].set(ck), v=cache.v.at[layer].set(cv))
-            keys, values = ck.astype(self.dtype), cv.astype(self.dtype)
+            # One scatter of the s new positions per row straight into the (donated) 5-D cache: a
+            # per-row dynamic_update_slice of the layer followed by .at[layer].set copied the whole
+            # layer slice every decode step.
+            rows = jnp.arange(b)[:, None]  # [batch, 1]
+            cols = cache.lengths[:, None] + q_idx  # [batch, seq]
+            k_all = cache.k.at[layer, rows, cols].set(k.astype(cache.k.dtype), mode="drop")
+            v_all = cache.v.at[layer, rows, cols].set(v.astype(cache.v.dtype), mode="drop")
+            cache = cache.replace(k=k_all, v=v_all)
+            keys, values = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
             k_idx = jnp.arange(cache.max_len)[None, :]
             q_abs = cache.lengths[:, None] + q_idx  # [batch, seq] absolute index of each query in the row
             mask = k_idx[:, None, :] <= q_abs[:, :, None]  # [batch, q, max_len]
