@@ -201,9 +201,10 @@ class DemoConfig:
     """The built-in demo base model (``model.checkpoint: demo``): a small char-level decoder that
     the project pretrains itself on the synthetic task, cached on disk after the first run.
 
-    Pretraining targets show the true answer with probability ``correct_prob`` and a near miss
-    otherwise, so the base model 'knows' the arithmetic but is unreliable: the situation RL on a
-    base model starts from."""
+    Pretraining targets always hold the true answer, but only a ``boxed_prob`` share of them writes
+    it as ``\\boxed{}`` inside ``<answer>`` (the form the rule-based reward reads); the rest write it
+    bare. The base model thus 'knows' the arithmetic but rarely answers in a gradable way: the
+    situation ORZ starts from, where the format emerges from the correctness reward alone."""
 
     hidden_size: int = 96
     intermediate_size: int = 256
@@ -214,7 +215,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 100
-    correct_prob: float = 0.35
+    boxed_prob: float = 0.5
     seed: int = 0
     cache_dir: Optional[str] = None  # None: $ORZ_JAX_CACHE or ~/.cache/orz_jax
 
@@ -463,7 +464,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
     _check(cfg.experiment.num_iterations >= 0, "experiment.num_iterations", "must be >= 0")
-    _check(0 < cfg.demo.correct_prob <= 1, "demo.correct_prob", "must be in (0, 1]")
+    _check(0 < cfg.demo.boxed_prob <= 1, "demo.boxed_prob", "must be in (0, 1]")
     _check(cfg.demo.steps >= 1 and cfg.demo.batch_size >= 1, "demo.steps", "steps and batch_size must be >= 1")
 
 

@@ -1,9 +1,10 @@
 """The built-in demo base model: a small char-level decoder pretrained here on the synthetic task.
 
 ORZ starts RL from a *base* model that already holds the skill but does not use it reliably. The demo
-recreates that situation in a minute of CPU time: the model is pretrained (plain next-token
-prediction) on ``prompt + response`` texts whose boxed answer is the true value with probability
-``demo.correct_prob`` and a near miss otherwise. The pretrained model is an ordinary HF directory
+recreates that situation in a few minutes of CPU time: the model is pretrained (plain next-token
+prediction) on ``prompt + response`` texts that always hold the true value, written as
+``<answer>\\boxed{v}</answer>`` with probability ``demo.boxed_prob`` and as a bare ``<answer>v</answer>``
+(which the reward cannot grade, so it scores 0) otherwise. The pretrained model is an ordinary HF directory
 (config.json + model.safetensors + tokenizer.json), cached under ``demo.cache_dir`` keyed by a hash
 of everything that shapes it, and rebuilt when missing.
 """
@@ -35,13 +36,10 @@ from orz_jax.tokenizer import CharTokenizer
 log = logging.getLogger(__name__)
 
 
-def demo_response(answer: str) -> str:
+def demo_response(answer: str, boxed: bool = True) -> str:
     """What the demo model learns to write after ``Assistant: <think>``."""
-    return f" </think> <answer>\\boxed{{{answer}}}</answer>"
-
-
-def _near_miss(value: int, rng: np.random.Generator) -> str:
-    return str(value + int(rng.choice([-10, -2, -1, 1, 2, 10])))
+    shown = f"\\boxed{{{answer}}}" if boxed else answer
+    return f" </think> <answer>{shown}</answer>"
 
 
 def demo_arch(cfg: Config, vocab_size: int) -> ArchConfig:
@@ -54,7 +52,7 @@ def demo_arch(cfg: Config, vocab_size: int) -> ArchConfig:
 
 def _fingerprint(cfg: Config) -> str:
     key = {"demo": dataclasses.asdict(cfg.demo), "synthetic": dataclasses.asdict(cfg.data.synthetic),
-           "template": cfg.data.template, "version": 1}
+           "template": cfg.data.template, "version": 2}
     key["demo"].pop("cache_dir")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -68,9 +66,8 @@ def _pretrain_texts(cfg: Config, rng: np.random.Generator) -> tuple[list[str], l
     train, _ = generate_synthetic(cfg.data.synthetic)
     prompts, responses = [], []
     for rec in train:
-        answer = rec.answer if rng.random() < cfg.demo.correct_prob else _near_miss(int(rec.answer), rng)
         prompts.append(format_prompt(rec.question, cfg.data.template))
-        responses.append(demo_response(answer))
+        responses.append(demo_response(rec.answer, boxed=bool(rng.random() < cfg.demo.boxed_prob)))
     return prompts, responses
 
 
