@@ -195,11 +195,13 @@ def bench_jax(args, arch: ArchConfig, ppo: PPOConfig, batch) -> dict:
         state, m = fn(state, batch)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t
-        t = time.perf_counter()
+        times = []  # per update (each blocked on), so callers can report a median and a spread
         for _ in range(args.iters):
+            t = time.perf_counter()
             state, m = fn(state, batch)
-        jax.block_until_ready((state.params, m))
-        out[name] = dict(seconds=(time.perf_counter() - t) / args.iters, first_call_s=compile_s,
+            jax.block_until_ready((state.params, m))
+            times.append(time.perf_counter() - t)
+        out[name] = dict(seconds=sum(times) / len(times), first_call_s=compile_s, times=times,
                          loss=float(m[f"{name}/loss" if name == "actor" else "critic/value_loss"]))
     return out
 
@@ -299,11 +301,13 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
         update()
         sync()
         first = time.perf_counter() - tt
-        tt = time.perf_counter()
+        times = []  # per update (loss.item() syncs; sync() for the optimizer step)
         for _ in range(args.iters):
+            tt = time.perf_counter()
             loss = update()
-        sync()
-        out[name] = dict(seconds=(time.perf_counter() - tt) / args.iters, first_call_s=first, loss=loss)
+            sync()
+            times.append(time.perf_counter() - tt)
+        out[name] = dict(seconds=sum(times) / len(times), first_call_s=first, times=times, loss=loss)
         del model, opt
         if dev == "cuda":
             torch.cuda.empty_cache()
