@@ -29,8 +29,9 @@ from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
+from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
 from orz_jax.ppo.packing import pack_samples
-from orz_jax.ppo.train import PPOFunctions, create_train_state, required_row_multiple
+from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple
 from orz_jax.reward.scorer import RewardScorer, summarize
 from orz_jax.rollout.engine import RolloutEngine
 from orz_jax.rollout.rollouts import RolloutBatch, generate_rollouts
@@ -228,7 +229,9 @@ class Trainer:
         self.critic = create_train_state(critic, cfg.ppo.critic, self.mesh)
         self.fns = PPOFunctions.build(cfg.ppo, self.mesh, self.actor, self.critic)
         self.row_multiple = required_row_multiple(cfg.ppo, self.mesh)
-        self.engine = RolloutEngine(policy, cfg.rollout, self.tokenizer, mesh=self.mesh, seed=cfg.experiment.seed)
+        # Several processes: each serves its own prompts from its own devices (see orz_jax.multihost).
+        self.engine = RolloutEngine(serving_model(policy), cfg.rollout, self.tokenizer,
+                                    mesh=serving_mesh(cfg.mesh, self.mesh), seed=cfg.experiment.seed)
         self.scorer = RewardScorer(cfg.reward)
         self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints"), cfg.checkpoint)
         self.metrics = MetricsLog(self.out_dir, cfg.experiment.tensorboard)
@@ -256,7 +259,7 @@ class Trainer:
         self.actor, self.critic, data_state, meta = self.ckpt.restore(step, self.actor, self.critic)
         self.data_iter.set_state(data_state)
         self.iteration = int(meta["iteration"])
-        self.engine.update_params(self.actor.params)
+        self.engine.update_params(to_serving(self.actor.params))
         self.metrics.truncate_after(self.iteration)
         log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
 
@@ -299,12 +302,17 @@ class Trainer:
         with timer.phase("data"):
             batch = next(self.data_iter)
         with timer.phase("rollout"):
-            ro = self.rollout(batch.prompt_ids, cfg.rollout.n_samples_per_prompt, it_key)
+            # Per-process sample streams must differ (each host samples its own prompts with its own engine).
+            ro_key = jax.random.fold_in(it_key, jax.process_index()) if jax.process_count() > 1 else it_key
+            ro = self.rollout(batch.prompt_ids, cfg.rollout.n_samples_per_prompt, ro_key)
         with timer.phase("reward"):
-            rewards, reward_diag = self.score(ro, batch.answers)
+            rewards, reward_diag = self.score(ro, batch.answers)  # reward_diag: this process's samples
+            ro, rewards = gather_rollouts(ro, rewards, len(batch))  # the global buffer (several processes)
         with timer.phase("pack"):
             packed, layout = pack_samples(ro.prompt_ids, ro.prompt_lens, ro.response_ids, ro.response_mask,
                                           cfg.ppo.pack_len, row_multiple=self.row_multiple, seed=self.iteration)
+            train_tok = float((packed.segment_ids > 0).sum())
+            packed = to_global(packed, batch_shardings(self.mesh))  # identical host copies -> global arrays
         with timer.phase("values_logprobs_advantages"):
             packed = self.fns.prepare_batch(self.actor, self.critic, packed, layout.response_index,
                                             ro.response_mask, rewards, ro.prompt_index)
@@ -319,10 +327,9 @@ class Trainer:
             self.actor, actor_m = self.fns.actor_step(self.actor, packed)
             jax.block_until_ready(self.actor.step)
         with timer.phase("weight_sync"):
-            self.engine.update_params(self.actor.params)
+            self.engine.update_params(to_serving(self.actor.params))
 
         n_tok = float(ro.response_lens.sum())
-        train_tok = float(np.asarray(packed.segment_ids > 0).sum())
         m = rollout_metrics(ro, rewards, cfg.rollout.n_samples_per_prompt)
         m.update(_prefixed("reward/", reward_diag))
         m.update(_prefixed("actor/", jax.device_get(actor_m)))
@@ -388,9 +395,11 @@ class Trainer:
                     summary["eval_after"] = ev
                 elif self.eval_sets:
                     summary["eval_after"] = {k: v for k, v in last_train.items() if k.startswith("eval/")}
-                if cfg.checkpoint.export_hf_at_end and jax.process_index() == 0:
-                    summary["exported_to"] = export_hf(self.actor.module(), os.path.join(self.out_dir, "final_hf"),
-                                                       tokenizer_src=self.model_path or cfg.model.tokenizer)
+                if cfg.checkpoint.export_hf_at_end:
+                    policy = serving_model(self.actor.module())  # several processes: all gather the params
+                    if jax.process_index() == 0:
+                        summary["exported_to"] = export_hf(policy, os.path.join(self.out_dir, "final_hf"),
+                                                           tokenizer_src=self.model_path or cfg.model.tokenizer)
         finally:
             signal.signal(signal.SIGTERM, prev)
             self.ckpt.close()
