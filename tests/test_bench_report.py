@@ -47,7 +47,7 @@ def test_report_runs_and_writes_files(tmp_path):
             assert 0 < r["mfu"] < 1.5, r  # against the measured peak; a little over 1 is timing noise
     assert meta["jax_version"] and meta["torch_version"] and meta["dtype"] == "float32"
 
-    for name in ("report.json", "report.csv", "report.png"):
+    for name in ("report.json", "report.csv", "report.png", "report.md"):
         assert os.path.getsize(out / name) > 0, name
     with open(out / "report.json") as f:
         assert len(json.load(f)["rows"]) == len(rows)

@@ -86,6 +86,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--check-atol", type=float, default=1e-3,
                    help="max |logit difference| allowed between the two sides (float32, same weights)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the report: trace the JAX actor update with jax.profiler and print where "
+                        "its time goes (top ops with their output shapes, by category); writes profile.json")
     p.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)  # spec file: run the torch side only
     p.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)  # spec file: run the JAX side only
     return p.parse_args(argv)
@@ -475,7 +478,12 @@ def _run_child(side: str, spec: dict, workdir: str) -> dict:
     with open(path, "w") as f:
         json.dump(spec, f)
     cmd = [sys.executable, "-m", "orz_jax.bench.report", f"--{side}-child", path]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    # torch's OpenMP threads spin-wait by default; on a CPU shared with other work (or with more
+    # threads than free cores) that made every torch call 10-30x slower here (a 4-layer forward:
+    # 0.18-0.65 s spinning, 0.012-0.018 s passive). Passive waiting costs nothing measurable when idle.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     lines = []
     for ln in proc.stdout:  # stream progress; stderr passes through
         if ln.startswith(_TAG):
@@ -486,6 +494,77 @@ def _run_child(side: str, spec: dict, workdir: str) -> dict:
     if proc.wait() != 0 or not lines:
         raise RuntimeError(f"{side} side failed (exit {proc.returncode}): {' '.join(cmd)}")
     return json.loads(lines[-1][len(_TAG):])
+
+
+def _op_category(name: str, shape: str) -> str:
+    if "dot" in name or "ynn" in name or "gemm" in name or "cublas" in name or "convolution" in name:
+        return "dots and library fusions (CPU: YNNPACK, matmuls with fused elementwise; GPU: cuBLAS)"
+    if "copy" in name or "transpose" in name or "bitcast" in name:
+        return "copies / transposes / layout"
+    return "other fusions (elementwise, reductions, softmax)"
+
+
+def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
+    """Trace ``reps`` JAX actor updates (after a compile call) on the benchmark buffer and summarise the
+    device ops: time per op name (summed over the micro-batch loop), its output shape from the compiled
+    HLO, and time per category, next to the time the matmul FLOPs would take at the measured peak."""
+    import collections
+    import glob
+    import gzip
+    import re
+
+    import jax
+
+    from orz_jax.bench.train import make_buffer, matmul_peak, train_flops
+    from orz_jax.config import ModelConfig
+    from orz_jax.models.build import create_model
+    from orz_jax.ppo.train import PPOFunctions, create_train_state
+
+    ppo = _ppo(args, args.pack_len)
+    batch = make_buffer(_train_ns(args, arch, args.pack_len, 1), ppo, np.random.default_rng(args.seed))
+    seg = _seg_tokens(batch.segment_ids)
+    batch = jax.device_put(batch)
+    mcfg = ModelConfig(arch=arch, dtype=args.dtype, param_dtype="float32", remat=args.remat)
+    state = create_train_state(create_model("policy", arch, mcfg, seed=args.seed), ppo.actor)
+    step = PPOFunctions.build(ppo).actor_step
+    hlo = step.lower(state, batch).compile().as_text()
+    shapes = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", hlo, re.M))
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    logdir = tempfile.mkdtemp(prefix="orz_profile_")
+    t0 = time.perf_counter()
+    with jax.profiler.trace(logdir):
+        for _ in range(reps):
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / reps
+    trace = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    per_op = collections.Counter()
+    for e in events:  # device ops only: names that are HLO instructions of this executable
+        if e.get("ph") == "X" and e.get("name") in shapes and not e["name"].startswith("while"):
+            per_op[e["name"]] += e.get("dur", 0.0) / 1e6 / reps
+    cats = collections.Counter()
+    for name, sec in per_op.items():
+        cats[_op_category(name, shapes[name])] += sec
+    peak = matmul_peak(args.matmul or (2048 if jax.default_backend() == "cpu" else 8192))
+    flops = train_flops(arch, seg, arch.vocab_size)
+    attn_flops = 3.0 * 4.0 * arch.num_layers * arch.num_heads * arch.resolved_head_dim * float(
+        np.sum(seg * (seg + 1) / 2))
+    out = dict(wall_s=wall, ops_s=sum(per_op.values()), categories=dict(cats.most_common()),
+               top_ops=[dict(name=n, seconds=s, shape=shapes[n]) for n, s in per_op.most_common(15)],
+               model_flops=flops, attention_flops=attn_flops, matmul_peak_flops=peak,
+               matmul_time_at_peak_s=flops / peak, tokens=int(seg.sum()), backend=jax.default_backend(),
+               trace=trace)
+    print(f"JAX actor update, {args.rows} x {args.pack_len}: {wall:.3f} s/update, device ops {out['ops_s']:.3f} s; "
+          f"model FLOPs at the measured peak ({peak / 1e12:.3f} TFLOP/s) would take {flops / peak:.3f} s "
+          f"(causal attention {attn_flops / flops:.1%} of the FLOPs)")
+    for k, v in cats.most_common():
+        print(f"  {v:8.3f} s  {v / max(out['ops_s'], 1e-12):6.1%}  {k}")
+    for r in out["top_ops"]:
+        print(f"  {r['seconds']:8.4f} s  {r['name']:<32} {r['shape']}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,6 +630,7 @@ def build_rows(args, arch: ArchConfig, jx: dict, th: dict) -> tuple[list[dict], 
                 host=platform.node(), cpu_count=os.cpu_count(),
                 # other work on a shared machine skews CPU timings (torch's OpenMP pool suffers most)
                 load_average_at_end=os.getloadavg(),
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                 matmul_peak_tflops={"jax": jx["matmul_peak_flops"] / 1e12,
                                     "torch": th.get("matmul_peak_flops", 0.0) / 1e12, "n": jx["matmul_n"]},
                 copy_bandwidth_GBps=bw / 1e9, decode_weight_MB=jx["decode_weight_bytes"] / 1e6,
@@ -561,7 +641,7 @@ def build_rows(args, arch: ArchConfig, jx: dict, th: dict) -> tuple[list[dict], 
 
 def _fmt(v, spec: str) -> str:
     """``format(v, spec)``, or a right-aligned "-" of the same width for a missing value."""
-    return "-".rjust(int(spec.lstrip(">").split(".")[0])) if v is None else format(v, spec)
+    return "-".rjust(int(spec.lstrip(">").split(".")[0] or 1)) if v is None else format(v, spec)
 
 
 def table(rows: list[dict]) -> str:
@@ -576,9 +656,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table as GitHub markdown (for docs/bench/README.md)."""
+    lines = ["| measurement | shape | impl | median s | min..max s | tokens/s | MFU | bound tok/s | of bound |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [r["kind"], r["shape"], r["impl"], f"{r['median_s']:.4f}", f"{r['min_s']:.4f}..{r['max_s']:.4f}",
+                 _fmt(r["tokens_per_s"], ".1f").strip(), _fmt(r["mfu"], ".1%").strip() if r["mfu"] else "-",
+                 _fmt(r["bound_tokens_per_s"], ".1f").strip() if r["bound_tokens_per_s"] else "-",
+                 _fmt(r["of_bound"], ".1%").strip() if r["of_bound"] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(out_dir: str, rows: list[dict], meta: dict) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"report.{k}") for k in ("json", "csv", "png")}
+    paths = {k: os.path.join(out_dir, f"report.{k}") for k in ("json", "csv", "png", "md")}
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows) + "\n")
     with open(paths["json"], "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     cols = ["kind", "shape", "impl", "median_s", "min_s", "max_s", "q1_s", "q3_s", "reps", "tokens", "tokens_per_s",
@@ -646,6 +741,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print(_TAG + json.dumps(fn(spec)), flush=True)
             return {}
     arch, name = load_arch(args.model)
+    if args.profile:
+        prof = profile_update(args, arch)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "profile.json"), "w") as f:
+            json.dump(prof, f, indent=1)
+        return prof
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         args._work = work
