@@ -70,6 +70,8 @@ def format_summary(s: dict) -> str:
         b, a = before.get(k), after.get(k)
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"  {k:40s} before {fmt(b):>8s}   after {fmt(a):>8s}")
+    if s.get("plots"):
+        lines.append(f"  plots: {', '.join(sorted(s['plots'].values()))}")
     if s.get("exported_to"):
         lines.append(f"  final policy exported to {s['exported_to']}")
     if s.get("stopped_by_signal"):

@@ -407,6 +407,11 @@ class Trainer:
         summary.update(end_iteration=self.iteration, seconds=time.time() - t_start,
                        stopped_by_signal=self._stop_requested)
         if jax.process_index() == 0:
+            try:  # the ORZ-style curves (reward, length correct vs incorrect, eval accuracy)
+                from orz_jax.plot import plot_runs
+                summary["plots"] = plot_runs([self.out_dir], os.path.join(self.out_dir, "plots"))
+            except Exception as e:  # a plotting problem must never fail a finished run
+                log.warning("plots not written: %s", e)
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1, default=str)
         return summary
