@@ -376,6 +376,8 @@ def cached_hf_dir(gguf_path: str, cache_dir: Optional[str] = None) -> str:
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
     os.makedirs(root, exist_ok=True)
+    if os.path.isdir(final):  # no config.json: damaged by hand (ours are renamed in whole); redo it
+        shutil.rmtree(final, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f".{stem}-", dir=root)
     try:
         convert_gguf(gguf_path, tmp)
