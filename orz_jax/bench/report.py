@@ -247,18 +247,24 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
     out["update_segment_lengths"] = _seg_tokens(batch.segment_ids).tolist()
     out["update_tokens"] = int(sum(out["update_segment_lengths"]))
     fns = PPOFunctions.build(ppo)
-    actor = create_train_state(policy, ppo.actor)
-    del policy
-    gc.collect()
-    critic_model = create_model("critic", arch, dataclasses.replace(f32, dtype=args.dtype), seed=args.seed + 1)
-    critic = create_train_state(critic_model, ppo.critic)
-    del critic_model
-    gc.collect()
     dbatch = jax.device_put(batch)
     out["update"] = {}
+    # One train state (params + AdamW moments: 3x the float32 weights) at a time unless the e2e row
+    # needs both: a 0.5B model's pair is ~12 GB.
+    actor = critic = None
     for name in ("actor", "critic"):
+        if name == "actor":
+            st = actor = create_train_state(policy, ppo.actor)
+            del policy
+        else:
+            if not args.e2e_prompts:
+                actor = None
+            gc.collect()
+            model = create_model("critic", arch, dataclasses.replace(f32, dtype=args.dtype), seed=args.seed + 1)
+            st = critic = create_train_state(model, ppo.critic)
+            del model
+        gc.collect()
         step = fns.actor_step if name == "actor" else fns.critic_step
-        st = actor if name == "actor" else critic
         t0 = time.perf_counter()
         st, m = step(st, dbatch)
         jax.block_until_ready(m)
@@ -274,6 +280,7 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
             actor = st
         else:
             critic = st
+        del st
         print(f"jax update {name}: {out['update'][name]['median_s']:.3f} s (first call {first:.1f} s)", flush=True)
     del dbatch
 
@@ -403,6 +410,9 @@ def torch_side(spec: dict) -> dict:
         print(f"torch decode b={b}: {st['median_s']:.3f} s", flush=True)
 
     # --- update: bench/train's torch update on the very buffer the JAX side used
+    if not args.e2e_prompts:
+        del hf  # only the e2e row generates again; free the weights for the update's optimizer state
+        gc.collect()
     buf = np.load(spec["buffer_path"])
     batch = SimpleNamespace(**{k: buf[k] for k in _BUFFER_FIELDS})
     ppo = _ppo(args, args.pack_len)
@@ -458,7 +468,8 @@ def torch_side(spec: dict) -> dict:
         ebatch = SimpleNamespace(tokens=packed.tokens, positions=packed.positions, segment_ids=packed.segment_ids,
                                  loss_mask=lm, old_logprobs=f(0.5, -2.0), old_values=f(0.5, 0.0),
                                  advantages=f(1.0, 0.0), returns=f(0.5, 0.5))
-        res = bench_torch(SimpleNamespace(**{**vars(ns), "pack_len": pack_len}), arch, _ppo(args, pack_len), ebatch, compiled=False)
+        res = bench_torch(SimpleNamespace(**{**vars(ns), "pack_len": pack_len}), arch, _ppo(args, pack_len), ebatch,
+                          compiled=False)
         e2e = {k: stats(v) for k, v in phases.items()}
         e2e["critic_update"] = stats(res["critic"]["times"])
         e2e["actor_update"] = stats(res["actor"]["times"])
@@ -615,7 +626,8 @@ def build_rows(args, arch: ArchConfig, jx: dict, th: dict) -> tuple[list[dict], 
         add(f"update {name}", shape, "jax", jx["update"][name], jx["update_tokens"], fl,
             first_call_s=jx["update"][name]["first_call_s"])
         for impl, res in th.get("update", {}).items():
-            add(f"update {name}", shape, impl, res[name], jx["update_tokens"], fl, first_call_s=res[name]["first_call_s"])
+            add(f"update {name}", shape, impl, res[name], jx["update_tokens"], fl,
+                first_call_s=res[name]["first_call_s"])
     if "e2e" in jx:
         lay = jx["e2e_layout"]
         shape = f"{args.e2e_prompts}x{args.e2e_samples} samples, {P}+{args.e2e_new_tokens}"
