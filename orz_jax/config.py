@@ -156,7 +156,7 @@ class DataConfig:
     shuffle_seed: int = 0
     num_epochs: Optional[int] = None  # None: repeat forever
     on_bad_record: Literal["error", "skip"] = "error"
-    template: Literal["orz", "plain", "compact"] = "orz"
+    template: Literal["orz", "plain", "compact", "fewshot"] = "orz"
 
 
 @dataclass

@@ -15,7 +15,7 @@ Two templates (``data.template``):
 
 from __future__ import annotations
 
-__all__ = ["ORZ_TEMPLATE", "PLAIN_TEMPLATE", "COMPACT_TEMPLATE", "TEMPLATES", "format_prompt"]
+__all__ = ["ORZ_TEMPLATE", "PLAIN_TEMPLATE", "COMPACT_TEMPLATE", "FEWSHOT_TEMPLATE", "TEMPLATES", "format_prompt"]
 
 ORZ_TEMPLATE = (
     "This is a dialogue between a User and an Assistant. The User poses a problem and the Assistant "
@@ -37,7 +37,17 @@ PLAIN_TEMPLATE = (
 # built-in demo, whose char-level model pays for every prompt character on a 2-core CPU.
 COMPACT_TEMPLATE = "User: {question}\nAssistant: <think>"
 
-TEMPLATES = {"orz": ORZ_TEMPLATE, "plain": PLAIN_TEMPLATE, "compact": COMPACT_TEMPLATE}
+# One worked exchange before the question. Small real models (SmolLM2-135M) reason inside <think>
+# with the instruction-only templates but never close with a boxed answer (0 of 200 samples
+# measured); after one example 10% of their answers are boxed and right: a weak but non-zero start.
+FEWSHOT_TEMPLATE = (
+    "User: Compute 2 + 3.\n"
+    "Assistant: <think> 2 + 3 = 5 </think> <answer> \\boxed{5} </answer>\n"
+    "User: {question}\n"
+    "Assistant: <think>"
+)
+
+TEMPLATES = {"orz": ORZ_TEMPLATE, "plain": PLAIN_TEMPLATE, "compact": COMPACT_TEMPLATE, "fewshot": FEWSHOT_TEMPLATE}
 
 
 def format_prompt(question: str, template: str = "orz") -> str:
