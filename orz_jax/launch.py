@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     import jax
 
     if _multi_host():
+        # CPU-only multi-process runs (tests, debugging) need a collectives backend; TPU/GPU ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()  # coordinator / process ids come from the TPU or cluster environment
 
     from orz_jax.config import load_config
