@@ -10,6 +10,15 @@ from pathlib import Path
 
 import pytest
 
+# XLA's CPU backend runs float32 matmuls through YNNPACK fusions by default; they accumulate with about twice
+# the rounding error of Eigen or MKL (relative 1.5e-6 vs 8.7e-7 on a [116, 576] x [576, 1536] product,
+# measured). Through SmolLM2's 30 real layers that alone moves logits 1.5e-4 away from transformers' float32
+# forward, against 7.5e-5 with Eigen. The parity tests compare float32 against float32, so the suite uses
+# Eigen (set before JAX initialises its backend; conftest is imported before any test module). Speed on
+# this CPU is the same either way. Subprocess tests that set their own XLA_FLAGS run XLA's default path.
+if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "orz"
 
