@@ -68,6 +68,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     remat: Literal["none", "full", "dots"] = "none"
     critic_head_init_std: float = 0.0  # ORZ: the value head starts at (near) zero
+    # "xla": dense attention (the [q, k] scores are materialised). "cudnn" names the planned fused kernel and
+    # is refused by validate() until it exists (docs/bench/README.md, "Fix / plan").
     attention_impl: Literal["xla", "cudnn"] = "xla"
 
 
@@ -405,6 +407,9 @@ def validate(cfg: Config) -> None:
                f"num_heads={a.num_heads} must be a multiple of num_kv_heads={a.num_kv_heads}")
         _check(a.head_dim is not None or a.hidden_size % a.num_heads == 0, "model.arch.head_dim",
                "hidden_size must divide by num_heads when head_dim is not given")
+    _check(m.attention_impl == "xla", "model.attention_impl",
+           f"{m.attention_impl!r} is not implemented yet; the only attention is 'xla' (dense). A fused kernel "
+           "is the plan in docs/bench/README.md")
     _check(m.checkpoint is not None or m.arch is not None, "model.checkpoint",
            "set a checkpoint directory (or 'demo' / 'smollm2-135m') or a model.arch block for random init")
     for axis in ("data", "fsdp", "tensor"):
