@@ -87,8 +87,10 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="max |logit difference| allowed between the two sides (float32, same weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
-                   help="instead of the report: trace the JAX actor update with jax.profiler and print where "
-                        "its time goes (top ops with their output shapes, by category); writes profile.json")
+                   help="instead of the report: trace the actor update on both sides (jax.profiler; "
+                        "torch.profiler on the eager update, in its own process) and print where each one's "
+                        "time goes (top ops with their shapes, by category); writes profile.json")
+    p.add_argument("--torch-profile-child", default=None, help=argparse.SUPPRESS)  # spec file: torch profile
     p.add_argument("--torch-child", default=None, help=argparse.SUPPRESS)  # spec file: run the torch side only
     p.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)  # spec file: run the JAX side only
     return p.parse_args(argv)
@@ -578,6 +580,54 @@ def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
     return out
 
 
+def _torch_op_category(name: str) -> str:
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm") or "mkldnn" in name or "gemm" in name:
+        return "matmuls (BLAS / oneDNN)"
+    if "scaled_dot_product" in name or "flash" in name or "efficient_attention" in name:
+        return "fused attention (SDPA kernels, forward and backward)"
+    if name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat", "aten::index",
+                "aten::fill_", "aten::zero_", "aten::zeros_like"):
+        return "copies / layout"
+    return "other (elementwise, reductions, optimizer, autograd bookkeeping)"
+
+
+def profile_torch_update(args, arch: ArchConfig, reps: int = 2) -> dict:
+    """The PyTorch counterpart of ``profile_update``: trace ``reps`` eager actor updates (after a warm-up)
+    of ``bench/train.bench_torch`` on the same buffer with ``torch.profiler`` and sum each op's own
+    (self) CPU time per update, by op and by category."""
+    import collections
+
+    import torch
+
+    from orz_jax.bench.train import bench_torch, make_buffer
+
+    ppo = _ppo(args, args.pack_len)
+    batch = make_buffer(_train_ns(args, arch, args.pack_len, 1), ppo, np.random.default_rng(args.seed))
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+    res = bench_torch(_train_ns(args, arch, args.pack_len, reps), arch, ppo, batch, compiled=False,
+                      names=("actor",), timed_ctx=lambda: prof)
+    per_op, shapes = collections.Counter(), {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        per_op[e.key] += e.self_cpu_time_total / 1e6 / reps
+        if e.self_cpu_time_total > 0 and (e.key not in shapes or e.self_cpu_time_total > shapes[e.key][0]):
+            shapes[e.key] = (e.self_cpu_time_total, str(e.input_shapes)[:120])
+    cats = collections.Counter()
+    for name, sec in per_op.items():
+        cats[_torch_op_category(name)] += sec
+    wall = float(np.median(res["actor"]["times"]))
+    out = dict(wall_s=wall, ops_s=sum(per_op.values()), categories=dict(cats.most_common()),
+               top_ops=[dict(name=n, seconds=v, input_shapes=shapes.get(n, (0, ""))[1])
+                        for n, v in per_op.most_common(15)],
+               torch_version=torch.__version__, threads=torch.get_num_threads())
+    print(f"torch eager actor update, {args.rows} x {args.pack_len}: {wall:.3f} s/update (profiled), "
+          f"op self time {out['ops_s']:.3f} s")
+    for k, v in cats.most_common():
+        print(f"  {v:8.3f} s  {v / max(out['ops_s'], 1e-12):6.1%}  {k}")
+    for r in out["top_ops"]:
+        print(f"  {r['seconds']:8.4f} s  {r['name']:<40} {r['input_shapes']}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
@@ -745,6 +795,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     for side, fn in (("torch", lambda spec: torch_side(spec)),
+                     ("torch_profile", lambda spec: profile_torch_update(SimpleNamespace(**spec["args"]),
+                                                                         ArchConfig(**spec["arch"]))),
                      ("jax", lambda spec: jax_side(SimpleNamespace(**spec["args"]), ArchConfig(**spec["arch"]),
                                                    spec["hf_dir"], spec["check_path"]))):
         if getattr(args, f"{side}_child"):
@@ -754,7 +806,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
             return {}
     arch, name = load_arch(args.model)
     if args.profile:
-        prof = profile_update(args, arch)
+        prof = {"jax": profile_update(args, arch)}
+        if args.torch != "none":
+            with tempfile.TemporaryDirectory() as work:
+                spec = dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                            arch=dataclasses.asdict(arch))
+                prof["torch eager"] = _run_child("torch-profile", spec, work)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile.json"), "w") as f:
             json.dump(prof, f, indent=1)

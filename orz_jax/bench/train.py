@@ -211,7 +211,12 @@ def bench_jax(args, arch: ArchConfig, ppo: PPOConfig, batch) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -> dict:
+def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool, names=("actor", "critic"),
+                timed_ctx=None) -> dict:
+    """The same update in PyTorch for each model in ``names``. ``timed_ctx``: a context manager entered
+    around the timed updates only (bench/report's ``--profile`` passes a ``torch.profiler`` there)."""
+    import contextlib
+
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
@@ -278,6 +283,8 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
     out = {}
     for name, make, micro_fn, o in (("actor", lambda: Qwen2ForCausalLM(cfg), actor_micro, ppo.actor),
                                     ("critic", ValueModel, critic_micro, ppo.critic)):
+        if name not in names:
+            continue
         model = make().to(dev)  # float32 master weights, autocast compute (as the JAX side)
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
                                 weight_decay=o.weight_decay)
@@ -302,11 +309,12 @@ def bench_torch(args, arch: ArchConfig, ppo: PPOConfig, batch, compiled: bool) -
         sync()
         first = time.perf_counter() - tt
         times = []  # per update (loss.item() syncs; sync() for the optimizer step)
-        for _ in range(args.iters):
-            tt = time.perf_counter()
-            loss = update()
-            sync()
-            times.append(time.perf_counter() - tt)
+        with (timed_ctx or contextlib.nullcontext)():
+            for _ in range(args.iters):
+                tt = time.perf_counter()
+                loss = update()
+                sync()
+                times.append(time.perf_counter() - tt)
         out[name] = dict(seconds=sum(times) / len(times), first_call_s=first, times=times, loss=loss)
         del model, opt
         if dev == "cuda":
