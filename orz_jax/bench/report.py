@@ -47,7 +47,7 @@ from typing import Optional
 
 import numpy as np
 
-from orz_jax.config import ArchConfig, OptimConfig, PPOConfig
+from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig, OptimConfig, PPOConfig
 
 PRESETS = {
     # seconds on a CPU: the unit test and a smoke run
@@ -77,6 +77,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=2, help="update: packed rows per buffer (one optimizer step)")
     p.add_argument("--micro-rows", type=int, default=1, help="rows per micro-batch (gradient accumulation)")
     p.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    p.add_argument("--attention-block", type=int, default=DEFAULT_ATTENTION_BLOCK,
+                   help="JAX: causal query block of the training / scoring attention (0: dense)")
     p.add_argument("--e2e-prompts", type=int, default=2, help="e2e: prompts per iteration (0: skip the row)")
     p.add_argument("--e2e-samples", type=int, default=2, help="e2e: samples per prompt")
     p.add_argument("--e2e-new-tokens", type=int, default=32, help="e2e: response tokens per sample")
@@ -134,7 +136,8 @@ def _ppo(args, pack_len: int) -> PPOConfig:
 def _train_ns(args, arch: ArchConfig, pack_len: int, iters: int) -> SimpleNamespace:
     """The argument namespace orz_jax.bench.train's functions read."""
     return SimpleNamespace(vocab=arch.vocab_size, pack_len=pack_len, rows=args.rows, micro_rows=args.micro_rows,
-                           dtype=args.dtype, remat=args.remat, iters=iters, seed=args.seed)
+                           dtype=args.dtype, remat=args.remat, iters=iters, seed=args.seed,
+                           attention_block=args.attention_block)
 
 
 def _inputs(args, arch: ArchConfig):
@@ -187,7 +190,8 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
 
     # Same weights both sides: float32 params from one seed; the check runs in float32 at full matmul
     # precision (TF32 on a GPU would differ from torch's float32 by ~1e-3).
-    f32 = ModelConfig(arch=arch, dtype="float32", param_dtype="float32", remat=args.remat)
+    f32 = ModelConfig(arch=arch, dtype="float32", param_dtype="float32", remat=args.remat,
+                      attention_block=args.attention_block)
     policy = create_model("policy", arch, f32, seed=args.seed)
     out["params"] = param_count(policy)
     with jax.default_matmul_precision("highest"):
@@ -537,7 +541,8 @@ def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
     batch = make_buffer(_train_ns(args, arch, args.pack_len, 1), ppo, np.random.default_rng(args.seed))
     seg = _seg_tokens(batch.segment_ids)
     batch = jax.device_put(batch)
-    mcfg = ModelConfig(arch=arch, dtype=args.dtype, param_dtype="float32", remat=args.remat)
+    mcfg = ModelConfig(arch=arch, dtype=args.dtype, param_dtype="float32", remat=args.remat,
+                       attention_block=args.attention_block)
     state = create_train_state(create_model("policy", arch, mcfg, seed=args.seed), ppo.actor)
     step = PPOFunctions.build(ppo).actor_step
     hlo = step.lower(state, batch).compile().as_text()

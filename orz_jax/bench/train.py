@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from orz_jax.config import ArchConfig, OptimConfig, PPOConfig
+from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig, OptimConfig, PPOConfig
 
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -44,6 +44,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--micro-rows", type=int, default=2, help="rows per micro-batch (gradient accumulation)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    p.add_argument("--attention-block", type=int, default=DEFAULT_ATTENTION_BLOCK,
+                   help="JAX: causal query block of the training attention (0: dense)")
     p.add_argument("--iters", type=int, default=2, help="timed updates after one warm-up (compile) call")
     p.add_argument("--torch", choices=["both", "eager", "compile", "none"], default="both")
     p.add_argument("--matmul", type=int, default=0, help="matmul size for the peak (0: 2048 on CPU, 8192 on GPU)")
@@ -183,8 +185,10 @@ def bench_jax(args, arch: ArchConfig, ppo: PPOConfig, batch) -> dict:
     from orz_jax.ppo.train import PPOFunctions, create_train_state
 
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    pol = CausalLM(arch, dtype=dt, param_dtype=jnp.float32, remat=args.remat, rngs=nnx.Rngs(args.seed))
-    cri = Critic(arch, dtype=dt, param_dtype=jnp.float32, remat=args.remat, head_init_std=0.01,
+    blk = getattr(args, "attention_block", DEFAULT_ATTENTION_BLOCK)
+    pol = CausalLM(arch, dtype=dt, param_dtype=jnp.float32, remat=args.remat, attention_block=blk,
+                   rngs=nnx.Rngs(args.seed))
+    cri = Critic(arch, dtype=dt, param_dtype=jnp.float32, remat=args.remat, attention_block=blk, head_init_std=0.01,
                  rngs=nnx.Rngs(args.seed + 1))
     actor, critic = create_train_state(pol, ppo.actor), create_train_state(cri, ppo.critic)
     fns = PPOFunctions.build(ppo)
@@ -382,7 +386,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"device: {device}; measured matmul peak ({n}^3): "
           + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peaks.items()))
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, mlp "
-          f"{args.intermediate}, vocab {args.vocab}, compute {args.dtype}, remat {args.remat}")
+          f"{args.intermediate}, vocab {args.vocab}, compute {args.dtype}, remat {args.remat}, "
+          f"attention block {args.attention_block or 'dense'}")
     print(f"buffer: {rows} rows x {args.pack_len} = {rows * args.pack_len} slots, {len(seg_lens)} samples, "
           f"{tokens} real tokens ({tokens / (rows * args.pack_len):.1%} fill); micro-batch {args.micro_rows} rows")
     print(f"{'impl':<14} {'model':<7} {'s/update':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "

@@ -97,7 +97,8 @@ def hf_config_from_arch(arch: ArchConfig, dtype: str = "float32") -> dict:
 
 
 def model_kwargs(model_cfg: ModelConfig) -> dict:
-    return dict(dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat)
+    return dict(dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
+                attention_block=model_cfg.attention_block)
 
 
 def constructor(kind: Literal["policy", "critic"], arch: ArchConfig, model_cfg: ModelConfig):
