@@ -76,3 +76,18 @@ def test_torch_side_refuses_other_weights(tmp_path):
     out = report.torch_side(spec)
     assert not out["logit_check"]["ok"] and out["logit_check"]["max_abs_diff"] > 1e-3
     assert "prefill" not in out and "update" not in out
+
+
+def test_profile_traces_both_sides(tmp_path):
+    """``--profile``: our update's device ops and torch's eager ops, each summed per update and by category;
+    on this update torch runs its fused SDPA kernel and JAX has no such op (the gap the report explains)."""
+    prof = report.main(["--model", "tiny", "--profile", "--pack-len", "64", "--rows", "2", "--out", str(tmp_path)])
+    with open(tmp_path / "profile.json") as f:
+        assert json.load(f).keys() == prof.keys() == {"jax", "torch eager"}
+    jx, th = prof["jax"], prof["torch eager"]
+    for side in (jx, th):
+        assert side["ops_s"] > 0 and abs(sum(side["categories"].values()) - side["ops_s"]) < 1e-6
+        assert len(side["top_ops"]) > 0
+    assert th["categories"].get("fused attention (SDPA kernels, forward and backward)", 0) > 0
+    assert any(op["name"].startswith("aten::_scaled_dot_product") for op in th["top_ops"])
+    assert not any("fused attention" in k for k in jx["categories"])
