@@ -76,7 +76,8 @@ class ModelConfig:
     attention_impl: Literal["xla", "cudnn"] = "xla"
     # Training / scoring attention runs in causal query blocks of this many tokens, each against only the
     # keys at or before its end: the same numbers as one dense block, about half the score FLOPs and bytes
-    # on long rows (2048-token rows on a CPU: 1.8x faster updates). 0: one dense [q, k] block.
+    # on long rows (2048-token rows on a CPU: 2.0x faster updates). 0: one dense [q, k] block. Compile time
+    # grows with the number of blocks per row: keep rows / block small (the ORZ configs use 2048 for 16384).
     attention_block: int = DEFAULT_ATTENTION_BLOCK
 
 
