@@ -578,11 +578,16 @@ def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
     print(f"JAX actor update, {args.rows} x {args.pack_len}: {wall:.3f} s/update, device ops {out['ops_s']:.3f} s; "
           f"model FLOPs at the measured peak ({peak / 1e12:.3f} TFLOP/s) would take {flops / peak:.3f} s "
           f"(causal attention {attn_flops / flops:.1%} of the FLOPs)")
-    for k, v in cats.most_common():
-        print(f"  {v:8.3f} s  {v / max(out['ops_s'], 1e-12):6.1%}  {k}")
-    for r in out["top_ops"]:
-        print(f"  {r['seconds']:8.4f} s  {r['name']:<32} {r['shape']}")
+    _print_breakdown(out, "shape", 32)
     return out
+
+
+def _print_breakdown(prof: dict, shape_key: str, width: int) -> None:
+    """Time per category (with its share of op time), then the top ops with their shapes."""
+    for k, v in prof["categories"].items():
+        print(f"  {v:8.3f} s  {v / max(prof['ops_s'], 1e-12):6.1%}  {k}")
+    for r in prof["top_ops"]:
+        print(f"  {r['seconds']:8.4f} s  {r['name']:<{width}} {r[shape_key]}")
 
 
 def _torch_op_category(name: str) -> str:
@@ -626,10 +631,7 @@ def profile_torch_update(args, arch: ArchConfig, reps: int = 2) -> dict:
                torch_version=torch.__version__, threads=torch.get_num_threads())
     print(f"torch eager actor update, {args.rows} x {args.pack_len}: {wall:.3f} s/update (profiled), "
           f"op self time {out['ops_s']:.3f} s")
-    for k, v in cats.most_common():
-        print(f"  {v:8.3f} s  {v / max(out['ops_s'], 1e-12):6.1%}  {k}")
-    for r in out["top_ops"]:
-        print(f"  {r['seconds']:8.4f} s  {r['name']:<40} {r['input_shapes']}")
+    _print_breakdown(out, "input_shapes", 40)
     return out
 
 
