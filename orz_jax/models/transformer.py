@@ -179,40 +179,46 @@ class Attention(nnx.Module):
             kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, k, head_dim]
             if 0 < self.block < s:
                 out = _causal_blocked_attention(qh, kh, vh, mask, self.block, self.dtype)
-                out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads, self.head_dim)
-                return jnp.einsum("bshd,hde->bse", out, self.o.value.astype(self.dtype)), cache
-            scores = jnp.einsum("bkgsd,bktd->bkgst", qh, kh)
+            else:
+                out = _attend(qh, kh, vh, mask, self.dtype)
+            out = out.transpose(0, 3, 1, 2, 4)  # [batch, q, kv_heads, group, head_dim]
         else:
-            # Decode: transposing the cache layer every step would copy all of it (20% slower at b=8 on CPU).
-            scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys)
-        scores = scores.astype(jnp.float32) / math.sqrt(self.head_dim)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [batch, kv_heads, group, q, k]
-        if cache is None:
-            out = jnp.einsum("bkgst,bktd->bkgsd", probs, vh).transpose(0, 3, 1, 2, 4)  # [b, q, kv_heads, group, d]
-        else:
+            # Decode: seq-major, as the cache is stored; transposing the cache layer every step would copy
+            # all of it (20% slower at b=8 on a CPU).
+            scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys)  # [batch, kv_heads, group, q, max_len]
+            probs = _masked_softmax(scores, mask, self.head_dim, self.dtype)
             out = jnp.einsum("bkgst,btkd->bskgd", probs, values)
         out = out.reshape(b, s, self.num_heads, self.head_dim)
         y = jnp.einsum("bshd,hde->bse", out, self.o.value.astype(self.dtype))
         return y, cache
 
 
+def _masked_softmax(scores, mask, head_dim: int, dtype):
+    """scores [batch, kv_heads, group, q, k] (any dtype), mask [batch, q, k] -> probabilities in ``dtype``,
+    computed in float32."""
+    scores = scores.astype(jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _attend(qh, kh, vh, mask, dtype):
+    """One dense block. qh: [batch, kv_heads, group, q, head_dim]; kh, vh: [batch, kv_heads, k, head_dim];
+    mask: [batch, q, k] -> [batch, kv_heads, group, q, head_dim]."""
+    probs = _masked_softmax(jnp.einsum("bkgsd,bktd->bkgst", qh, kh), mask, qh.shape[-1], dtype)
+    return jnp.einsum("bkgst,bktd->bkgsd", probs, vh)
+
+
 def _causal_blocked_attention(qh, kh, vh, mask, block: int, dtype):
     """Exact causal attention, one query block at a time against only the keys at or before its end.
 
-    qh: [batch, kv_heads, group, q, head_dim]; kh, vh: [batch, kv_heads, k, head_dim]; mask: [batch, q, k]
-    (causal, so keys after a block's last query are masked anyway). Computes and stores about
-    (n + 1) / 2n of the dense [q, k] scores for n blocks, with the same numbers: a masked key's weight
-    is exactly 0 in both. -> [batch, kv_heads, group, q, head_dim].
+    Shapes as ``_attend``; ``mask`` is causal, so keys after a block's last query are masked anyway.
+    Computes and stores about (n + 1) / 2n of the dense [q, k] scores for n blocks, with the same
+    numbers: a masked key's weight is exactly 0 in both.
     """
-    s, d = qh.shape[3], qh.shape[4]
-    outs = []
-    for start in range(0, s, block):  # static: one pair of einsums per block
-        end = min(start + block, s)
-        sc = jnp.einsum("bkgsd,bktd->bkgst", qh[:, :, :, start:end], kh[:, :, :end]).astype(jnp.float32)
-        sc = jnp.where(mask[:, None, None, start:end, :end], sc / math.sqrt(d), _MASK_VALUE)
-        p = jax.nn.softmax(sc, axis=-1).astype(dtype)
-        outs.append(jnp.einsum("bkgst,bktd->bkgsd", p, vh[:, :, :end]))
+    s = qh.shape[3]
+    outs = [_attend(qh[:, :, :, start:start + block], kh[:, :, :start + block], vh[:, :, :start + block],
+                    mask[:, start:start + block, :start + block], dtype)
+            for start in range(0, s, block)]  # static: one pair of einsums per block
     return jnp.concatenate(outs, axis=3)
 
 
