@@ -416,8 +416,8 @@ def validate(cfg: Config) -> None:
         _check(a.head_dim is not None or a.hidden_size % a.num_heads == 0, "model.arch.head_dim",
                "hidden_size must divide by num_heads when head_dim is not given")
     _check(m.attention_impl == "xla", "model.attention_impl",
-           f"{m.attention_impl!r} is not implemented yet; the only attention is 'xla' (dense). A fused kernel "
-           "is the plan in docs/bench/README.md")
+           f"{m.attention_impl!r} is not implemented yet; the only implementation is 'xla' (XLA ops, in "
+           "causal blocks of model.attention_block). A fused kernel is the plan in docs/bench/README.md")
     _check(m.attention_block >= 0, "model.attention_block", f"must be >= 0 (0 = dense), got {m.attention_block}")
     _check(m.checkpoint is not None or m.arch is not None, "model.checkpoint",
            "set a checkpoint directory (or 'demo' / 'smollm2-135m') or a model.arch block for random init")

@@ -15,9 +15,8 @@ import transformers
 
 from orz_jax.config import ArchConfig, ModelConfig
 from orz_jax.models.build import UnsupportedArchitectureError, create_model
-from orz_jax.models.transformer import positions_from_segments
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf, open_checkpoint_tensors, write_safetensors
-from orz_jax.models.transformer import KVCache
+from orz_jax.models.transformer import KVCache, positions_from_segments
 
 TOL = 1e-4
 SEQ = 256  # long enough that a wrong rope theta shows up well above TOL

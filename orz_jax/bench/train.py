@@ -185,11 +185,9 @@ def bench_jax(args, arch: ArchConfig, ppo: PPOConfig, batch) -> dict:
     from orz_jax.ppo.train import PPOFunctions, create_train_state
 
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    blk = getattr(args, "attention_block", DEFAULT_ATTENTION_BLOCK)
-    pol = CausalLM(arch, dtype=dt, param_dtype=jnp.float32, remat=args.remat, attention_block=blk,
-                   rngs=nnx.Rngs(args.seed))
-    cri = Critic(arch, dtype=dt, param_dtype=jnp.float32, remat=args.remat, attention_block=blk, head_init_std=0.01,
-                 rngs=nnx.Rngs(args.seed + 1))
+    kw = dict(dtype=dt, param_dtype=jnp.float32, remat=args.remat, attention_block=args.attention_block)
+    pol = CausalLM(arch, rngs=nnx.Rngs(args.seed), **kw)
+    cri = Critic(arch, head_init_std=0.01, rngs=nnx.Rngs(args.seed + 1), **kw)
     actor, critic = create_train_state(pol, ppo.actor), create_train_state(cri, ppo.critic)
     fns = PPOFunctions.build(ppo)
     batch = jax.device_put(batch)
