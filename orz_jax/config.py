@@ -106,6 +106,9 @@ class RolloutConfig:
     long_prompt: Literal["filter", "left_truncate", "error"] = "filter"
     # Batched driver: decode steps per device call between host checks for finished samples / stop strings.
     check_every: int = 8
+    # Orchestrator driver: give up (a clear error naming what was outstanding) when no token has been generated
+    # and no request prefilled for this many seconds: a stuck request or thread. Covers first-call compiles.
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -438,6 +441,7 @@ def validate(cfg: Config) -> None:
            f"largest bucket {r.prefill_buckets[-1]} must be >= rollout.max_prompt_len={r.max_prompt_len}")
     _check(r.max_concurrent_decodes >= 1, "rollout.max_concurrent_decodes", "must be >= 1")
     _check(r.check_every >= 1, "rollout.check_every", "must be >= 1")
+    _check(0 < r.timeout_s < float("inf"), "rollout.timeout_s", "must be a number of seconds > 0")
 
     p = cfg.ppo
     _check(0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]")

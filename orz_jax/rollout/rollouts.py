@@ -16,10 +16,12 @@ Two drivers over the same engine, chosen by ``rollout.driver``:
   thread is replaced (see :class:`_RolloutDriver`), to keep each token's log-prob and to finish a request on
   a stop string.
 
-Caveats of the orchestrator driver (JetStream 0.2.2's design): an exception inside its prefill / generate
-threads kills the whole process (``JetThread``); and a slot finished by a stop string keeps decoding on
-the device until it is reused (the generate thread owns the decode state). The batched driver raises
-normally and releases such slots.
+Failures in the orchestrator driver: JetStream 0.2.2's threads SIGKILL the process on an exception
+(``JetThread``); ours catch it and the caller gets :class:`RolloutDriverError` naming the thread. A request
+or thread that stops making progress (no token generated, nothing prefilled) for ``rollout.timeout_s``
+seconds raises :class:`RolloutTimeout` naming what was outstanding. A slot finished by a stop string keeps
+decoding on the device until it is reused (the generate thread owns the decode state); the batched driver
+releases such slots.
 
 An engine serves one caller at a time: ``generate_rollouts`` resets its request counter and sampling
 settings, so do not run it on an engine that a gRPC server is using.
@@ -33,7 +35,9 @@ is. Token ids are the sampled ones (decoded text is only inspected, never re-tok
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from typing import Any, Optional, Sequence, Union
 
 import flax.struct
@@ -78,6 +82,14 @@ class RolloutBatch:
 
 class LongPromptError(ValueError):
     """A prompt longer than ``rollout.max_prompt_len`` with ``rollout.long_prompt: error``."""
+
+
+class RolloutDriverError(RuntimeError):
+    """A thread of the orchestrator driver raised; the message names the thread and the exception."""
+
+
+class RolloutTimeout(RolloutDriverError, TimeoutError):
+    """The orchestrator driver made no progress for ``rollout.timeout_s`` seconds."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,25 +229,81 @@ class _RolloutDriver(orchestrator.Driver):
       request's slot goes back on the free-slot queue), but each result row goes to the request's
       :class:`SampleCollector` (carried as the request's ``return_channel``) together with its log-prob
       (column 3 of our engine's ``ResultTokens``), so a request also finishes on a stop string.
+
+    Its prefill / transfer / generate threads report an exception to ``on_finished`` (and end) instead of
+    SIGKILLing the process, and every prefill and every detokenized step stamps ``last_progress``
+    (``time.monotonic()``) for the caller's watchdog.
     """
 
     def __init__(self, *args, on_finished=None, **kwargs):
-        self._on_finished = on_finished  # called with (collector) or (exception) from the detokenize thread
+        self._on_finished = on_finished  # called with (collector) or (exception) from the driver's threads
+        self.last_progress = time.monotonic()
+        self.decoding: dict[int, Any] = {}  # slot -> request, as the detokenize thread sees it
         super().__init__(*args, **kwargs)
 
+    def _guarded(self, name: str, run, idx: int) -> None:
+        try:
+            run(idx)
+        except Exception as e:  # noqa: BLE001 -- hand it to the waiting caller instead of killing the process
+            log.exception("rollout driver: %s-%d thread failed", name, idx)
+            self._on_finished(RolloutDriverError(f"rollout.driver=orchestrator: the {name}-{idx} thread raised "
+                                                 f"{type(e).__name__}: {e}"))
+
+    def _prefill_thread(self, idx: int):
+        self._guarded("prefill", super()._prefill_thread, idx)
+
+    def _transfer_thread(self, idx: int):
+        self._guarded("transfer", super()._transfer_thread, idx)
+
+    def _generate_thread(self, idx: int):
+        self._guarded("generate", super()._generate_thread, idx)
+
     def _process_prefill_content(self, request, tokenizer, is_bos, max_prefill_length):
+        self.last_progress = time.monotonic()  # the previous prefill (if any) is done
         ids = np.asarray(request.prefill_content, np.int32)
         return ids, int(ids.size)
+
+    def outstanding(self) -> str:
+        """Where the unfinished requests are, e.g. "2 waiting for prefill, 1 prefilled waiting for a slot,
+        3 decoding in slots [0, 1, 3]" (a request between two of these queues is in a thread)."""
+        prefilled = sum(q.qsize() for q in self._transfer_backlogs) + sum(
+            q.qsize() for q in self._generate_backlogs.values())
+        slots = sorted(self.decoding.copy())  # copy(): atomic; the detokenize thread changes the dict
+        return (f"{self._prefill_backlog.qsize()} waiting for prefill, {prefilled} prefilled waiting for a slot, "
+                f"{len(slots)} decoding in slots {slots}")
+
+    def stop_within(self, seconds: float) -> list[str]:
+        """JetStream's ``stop`` (drain every queue, send each thread its sentinel) with a deadline: a thread
+        stuck inside the engine cannot hang the caller. Returns the names of threads still running."""
+        self.live = False
+        backlogs = [self._prefill_backlog, *self._transfer_backlogs, *self._generate_backlogs.values(),
+                    *self._detokenize_backlogs]
+        deadline = time.monotonic() + seconds
+        while any(t.is_alive() for t in self._all_threads) and time.monotonic() < deadline:
+            for q in backlogs:
+                try:
+                    while True:
+                        q.get_nowait()
+                except queue.Empty:
+                    pass
+                try:
+                    q.put_nowait(None)
+                except queue.Full:
+                    pass
+            for t in self._all_threads:
+                t.join(0.01)
+        return [t.name for t in self._all_threads if t.is_alive()]
 
     def _detokenize_thread(self, idx: int):
         backlog = self._detokenize_backlogs[idx]
         free_slots = self._generate_slots[idx]
-        live: dict[int, Any] = {}
+        live = self.decoding
         try:
             while self.live:
                 item = backlog.get(block=True)
                 if item is None:
                     break
+                self.last_progress = time.monotonic()
                 if isinstance(item[1], engine_api.ResultTokens):
                     data = np.asarray(item[1].data)  # [slots, 4] token | valid | steps | logprob bits
                     logprobs = data[:, 3].view(np.float32)
@@ -254,7 +322,9 @@ class _RolloutDriver(orchestrator.Driver):
 
 
 def _run_orchestrator(engine: RolloutEngine, requests: list[tuple[int, list[int]]],
-                      collectors: list[SampleCollector], timeout_s: Optional[float]) -> None:
+                      collectors: list[SampleCollector], timeout_s: float) -> None:
+    """Run ``requests`` through a fresh ``_RolloutDriver``; RolloutTimeout after ``timeout_s`` seconds without
+    progress, RolloutDriverError if one of its threads raised."""
     remaining = [len(requests)]
     errors: list[BaseException] = []
     all_done = threading.Event()
@@ -275,13 +345,23 @@ def _run_orchestrator(engine: RolloutEngine, requests: list[tuple[int, list[int]
         for (_, ids), collector in zip(requests, collectors):
             driver.place_request_on_prefill_queue(orchestrator.ActiveRequest(
                 max_tokens=collector.limit, prefill_content=ids, return_channel=collector))
-        if not all_done.wait(timeout_s):
-            raise TimeoutError(f"orchestrator rollouts: {remaining[0]} of {len(requests)} requests unfinished "
-                               f"after {timeout_s} s")
+        # A watchdog on progress rather than on the total: a large batch may take hours, a stuck one must not.
+        while not all_done.wait(min(1.0, timeout_s)):
+            idle = time.monotonic() - driver.last_progress
+            if idle > timeout_s:
+                raise RolloutTimeout(
+                    f"rollout.driver=orchestrator: no progress for {idle:.1f} s (rollout.timeout_s={timeout_s:g}); "
+                    f"{remaining[0]} of {len(requests)} requests unfinished: {driver.outstanding()}")
     finally:
-        driver.stop()
+        stuck = driver.stop_within(min(30.0, timeout_s))
+        if stuck:
+            log.warning("rollout driver: thread(s) %s still running after stop (stuck in the engine?)", stuck)
     if errors:
-        raise RuntimeError("orchestrator rollouts failed") from errors[0]
+        e = errors[0]
+        if isinstance(e, RolloutDriverError):
+            raise RolloutDriverError(f"{e}; {remaining[0]} of {len(requests)} requests unfinished") from e
+        raise RolloutDriverError(f"rollout.driver=orchestrator: the detokenize thread raised "
+                                 f"{type(e).__name__}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +382,8 @@ def generate_rollouts(engine: RolloutEngine, prompt_ids: Sequence[Sequence[int]]
         ``long_prompt`` policy and ``driver`` (overridden by ``driver=``).
       check_every: batched driver: decode steps per device call between host checks (default
         ``rollout.check_every``).
-      timeout_s: orchestrator driver: give up after this long (None: wait).
+      timeout_s: orchestrator driver: raise ``RolloutTimeout`` after this many seconds without progress
+        (default ``rollout.timeout_s``).
     """
     driver = driver or cfg.driver
     if n_samples < 1:
@@ -317,7 +398,7 @@ def generate_rollouts(engine: RolloutEngine, prompt_ids: Sequence[Sequence[int]]
         if driver == "batched":
             _run_batched(engine, requests, collectors, check_every or cfg.check_every)
         elif driver == "orchestrator":
-            _run_orchestrator(engine, requests, collectors, timeout_s)
+            _run_orchestrator(engine, requests, collectors, timeout_s or cfg.timeout_s)
         else:
             raise ValueError(f"rollout.driver must be 'batched' or 'orchestrator', got {driver!r}")
 
