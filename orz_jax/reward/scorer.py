@@ -39,7 +39,7 @@ class RewardResult:
     reward:       1.0 or 0.0
     extracted:    content of the deciding ``\\boxed{}`` (None: no answer found)
     rule:         which check decided (see module docstring)
-    timed_out:    math-verify ran past ``RewardConfig.timeout_s`` (reward 0)
+    timed_out:    the check (math-verify, or an in-process rule) ran past ``RewardConfig.timeout_s`` (reward 0)
     parse_failed: math-verify's parser raised, the reference parsed to nothing, or the worker died
     """
 
@@ -112,25 +112,17 @@ class RewardScorer:
         pairs: list[tuple[str, str]] = []
         extracted: list[Optional[str]] = [None] * len(responses)
         for i, (resp, ans, stop) in enumerate(zip(responses, answers, stop_reasons)):
-            pred = extract_answer(resp)
+            t_item = time.perf_counter()
+            pred, ref, result = self._in_process(resp, ans, stop)
             extracted[i] = pred
-            if stop != "stop":
-                results[i] = RewardResult(0.0, pred, "truncated")
-                continue
-            if not pred:
-                results[i] = RewardResult(0.0, pred, "no_answer")
-                continue
-            ref = strip_reference(ans)
-            letter = choice_letter(ref)
-            if letter is not None:
-                results[i] = RewardResult(float(predicted_letter(pred) == letter), pred, "choice")
-                continue
-            decided = quick_check(pred, ref) if self.cfg.fast_checks else None
-            if decided is not None:
-                results[i] = RewardResult(decided[0], pred, decided[1])
-                continue
-            pending.append(i)
-            pairs.append((ref, pred))
+            if result is None:
+                pending.append(i)
+                pairs.append((ref, pred))
+            elif time.perf_counter() - t_item > self.cfg.timeout_s:
+                # reward.timeout_s bounds every check, the in-process ones too: one over it scores 0 like a
+                # math-verify check would (the rules are length-capped, so this means a badly loaded host).
+                result = RewardResult(0.0, pred, result.rule, timed_out=True)
+            results[i] = result
         if pairs:
             # A prompt's samples often repeat a (wrong) answer: check each distinct pair once.
             unique = list(dict.fromkeys(pairs))
@@ -146,6 +138,21 @@ class RewardScorer:
         self._counts["responses"] += len(results)
         self._seconds += time.perf_counter() - t0
         return results  # type: ignore[return-value]
+
+    def _in_process(self, resp: str, ans: str, stop: str) -> tuple[Optional[str], str, Optional[RewardResult]]:
+        """Steps 1-4 of the module docstring -> (extracted answer, stripped reference, result or None for
+        math-verify)."""
+        pred = extract_answer(resp)
+        if stop != "stop":
+            return pred, "", RewardResult(0.0, pred, "truncated")
+        if not pred:
+            return pred, "", RewardResult(0.0, pred, "no_answer")
+        ref = strip_reference(ans)
+        letter = choice_letter(ref)
+        if letter is not None:
+            return pred, ref, RewardResult(float(predicted_letter(pred) == letter), pred, "choice")
+        decided = quick_check(pred, ref) if self.cfg.fast_checks else None
+        return pred, ref, None if decided is None else RewardResult(decided[0], pred, decided[1])
 
     def summary(self) -> dict[str, float]:
         """Cumulative diagnostics since construction: counts per rule, time-outs, parse failures,
