@@ -2,6 +2,7 @@
 
     python -m orz_jax.reward score IN.jsonl [OUT.jsonl] [--set timeout_s=2 --set num_workers=4]
         IN lines: {"response": str, "answer": str, "stop_reason": "stop"|"length" (default "stop"), ...}
+        a bad line stops the run with its line number; --skip-bad leaves such lines out and counts them
         OUT lines: the same object plus reward, extracted, rule, timed_out, parse_failed (stdout if no OUT)
     python -m orz_jax.reward bench [--data eval_math500.json ...] [--skip-plain]
         responses/s of a plain single-process math-verify loop vs RewardScorer on a mix where every
@@ -15,6 +16,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -44,52 +46,98 @@ def reward_config(settings: list[str]) -> RewardConfig:
     return cfg
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL scoring file; raises InputError naming ``path:line`` for a bad one."""
+def _parse_record(where: str, raw: bytes) -> Optional[dict]:
+    """One JSONL line -> its record (None for a blank line); InputError naming ``where`` for a bad one."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("response", "answer"):
+        if key not in rec:
+            raise InputError(f"{where}: missing key '{key}' (need 'response' and 'answer')")
+        if not isinstance(rec[key], str):
+            raise InputError(f"{where}: '{key}' must be a string, got {type(rec[key]).__name__}")
+    stop = rec.setdefault("stop_reason", "stop")
+    if stop not in STOP_REASONS:
+        raise InputError(f"{where}: 'stop_reason' must be one of {list(STOP_REASONS)}, got {stop!r}")
+    try:  # a "\ud800" escape is valid JSON but cannot be written back out as UTF-8
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: contains an unpaired UTF-16 surrogate escape, which is not text") from None
+    return rec
+
+
+def read_jsonl(path: str, skipped: Optional[list[str]] = None) -> list[dict]:
+    """Records of a JSONL scoring file.
+
+    A bad line (not UTF-8, not JSON, missing or mistyped keys) raises InputError naming ``path:line``; with
+    a ``skipped`` list it is left out instead and its message appended there.
+    """
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    with open(path, "rb") as f:  # bytes: a non-UTF-8 line is reported with its line number
+        for lineno, raw in enumerate(f, start=1):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for key in ("response", "answer"):
-                if key not in rec:
-                    raise InputError(f"{where}: missing key '{key}' (need 'response' and 'answer')")
-                if not isinstance(rec[key], str):
-                    raise InputError(f"{where}: '{key}' must be a string, got {type(rec[key]).__name__}")
-            stop = rec.setdefault("stop_reason", "stop")
-            if stop not in STOP_REASONS:
-                raise InputError(f"{where}: 'stop_reason' must be one of {list(STOP_REASONS)}, got {stop!r}")
-            records.append(rec)
+                rec = _parse_record(f"{path}:{lineno}", raw)
+            except InputError as e:
+                if skipped is None:
+                    raise
+                skipped.append(str(e))
+                continue
+            if rec is not None:
+                records.append(rec)
     return records
+
+
+def _open_output(path: str):
+    """A temporary file next to ``path`` (renamed onto it once every line is written), so an unwritable
+    output is found before the scoring and a failed run leaves an existing output untouched."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: the output path is a directory")
+    try:
+        return tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(path) or ".",
+                                           prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False)
+    except OSError as e:
+        raise InputError(f"{path}: cannot write the output ({e.strerror})") from None
 
 
 def cmd_score(args) -> int:
     cfg = reward_config(args.set)
-    records = read_jsonl(args.input)
-    with RewardScorer(cfg) as scorer:
-        results = scorer.score_batch(
-            [r["response"] for r in records], [r["answer"] for r in records], [r["stop_reason"] for r in records]
-        )
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    skipped: Optional[list[str]] = [] if args.skip_bad else None
+    records = read_jsonl(args.input, skipped)
+    out = _open_output(args.output) if args.output else sys.stdout
     try:
+        with RewardScorer(cfg) as scorer:
+            results = scorer.score_batch(
+                [r["response"] for r in records], [r["answer"] for r in records], [r["stop_reason"] for r in records]
+            )
         for rec, res in zip(records, results):
             out.write(json.dumps({**rec, **res.to_dict()}, ensure_ascii=False) + "\n")
-    finally:
         if out is not sys.stdout:
             out.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(out.name, 0o666 & ~umask)  # a temporary file is 0600; the output gets the usual mode
+            os.replace(out.name, args.output)
+    finally:
+        if out is not sys.stdout and os.path.exists(out.name):
+            out.close()
+            os.unlink(out.name)
     stats = summarize(results)
     print(
         f"scored {len(results)} responses: mean reward {stats['reward/mean']:.4f}, "
         f"{int(stats['reward/timed_out'])} timed out, {int(stats['reward/parse_failed'])} parse failures",
         file=sys.stderr,
     )
+    if skipped:
+        print(f"skipped {len(skipped)} bad line(s) (--skip-bad); the first: {skipped[0]}", file=sys.stderr)
     return 0
 
 
@@ -197,6 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp = sub.add_parser("score", help="score a JSONL file of responses")
     sp.add_argument("input")
     sp.add_argument("output", nargs="?", help="output JSONL (default: stdout)")
+    sp.add_argument("--skip-bad", action="store_true",
+                    help="leave out bad input lines (counted, the first one reported) instead of stopping")
     bp = sub.add_parser("bench", help="throughput: plain math-verify loop vs RewardScorer")
     bp.add_argument("--data", nargs="+", default=[DEFAULT_BENCH_DATA],
                     help="ORZ eval (final_answer) or training (ground_truth) JSON files")
