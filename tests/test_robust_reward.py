@@ -102,10 +102,10 @@ def _unicode_digits(n: int, rng: random.Random) -> str:
 def _number_forms(v: Fraction) -> list[str]:
     if v.denominator == 1:
         n = v.numerator
-        out = [str(n), f"{n}.0", f"{n}.00"] + ([f"{n:,}"] if abs(n) >= 1000 else []) + ([f"+{n}"] if n >= 0 else [])
-        return out
+        return [str(n), f"{n}.0", f"{n}.00"] + ([f"{n:,}"] if abs(n) >= 1000 else []) + ([f"+{n}"] if n >= 0 else [])
     p, q = v.numerator, v.denominator
-    out = [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"\\dfrac{{{p}}}{{{q}}}"] + ([f"-\\frac{{{-p}}}{{{q}}}"] if p < 0 else [])
+    out = [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}", f"\\dfrac{{{p}}}{{{q}}}"]
+    out += [f"-\\frac{{{-p}}}{{{q}}}"] if p < 0 else []
     return out + ([str(float(v))] if q in (2, 4, 5, 8) else [])
 
 

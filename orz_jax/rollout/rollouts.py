@@ -356,7 +356,9 @@ def _run_orchestrator(engine: RolloutEngine, requests: list[tuple[int, list[int]
         stuck = driver.stop_within(min(30.0, timeout_s))
         if stuck:
             log.warning("rollout driver: thread(s) %s still running after stop (stuck in the engine?)", stuck)
-    if errors:
+    if errors and remaining[0] == 0:  # every sample is in: an error while shutting down costs nothing
+        log.warning("rollout driver: %s after every request had finished", errors[0])
+    elif errors:
         e = errors[0]
         if isinstance(e, RolloutDriverError):
             raise RolloutDriverError(f"{e}; {remaining[0]} of {len(requests)} requests unfinished") from e
