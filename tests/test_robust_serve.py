@@ -79,7 +79,7 @@ def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(served):
     assert 1 <= len(_decode(stub, _ids(tok.encode("7*6"), max_tokens=2))) <= 2
 
 
-def test_a_taken_port_is_refused(served):
+def test_a_taken_port_is_refused(served, capsys):
     _, _, port, engine = served
     with pytest.raises(ServeError, match=f"--port {port}: the port is already in use"):
         check_port_free(port)
@@ -87,6 +87,9 @@ def test_a_taken_port_is_refused(served):
     with pytest.raises(ServeError, match="already in use"):
         start_server(engine, port)
     check_port_free(portpicker.pick_unused_port())  # a free port passes
+    assert main(["--checkpoint", "unused", "--port", str(port)]) == 2  # the command line: before the model load
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --port {port}: the port is already in use " \
+                                                               f"(another server?)"
 
 
 @pytest.mark.parametrize("flags, words", [
