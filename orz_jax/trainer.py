@@ -25,6 +25,7 @@ import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
 from orz_jax.config import Config, ConfigError, dump_yaml
+from orz_jax.data.download import missing_data_message
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError
 from orz_jax.models.build import create_model
@@ -76,13 +77,9 @@ def resolve_model_path(cfg: Config) -> Optional[str]:
 
 def check_inputs(cfg: Config) -> None:
     """Cheap checks of files and sizes (no device work)."""
-    if cfg.data.source == "files":
-        for i, f in enumerate(cfg.data.train_files):
-            if not os.path.isfile(f.path):
-                raise StartupError(f"data.train_files[{i}].path: file not found: {f.path}")
-    for i, f in enumerate(cfg.eval.files):
-        if not os.path.isfile(f):
-            raise StartupError(f"eval.files[{i}]: file not found: {f}")
+    msg = missing_data_message(cfg)  # first: a run without its data must stop before any device work
+    if msg:
+        raise StartupError(msg)
     ndev = jax.device_count()
     try:
         mesh = make_mesh(cfg.mesh)
@@ -246,7 +243,7 @@ class Trainer:
         files = cfg.eval.files or (["synthetic"] if cfg.data.source == "synthetic" else [])
         sets = {}
         for f in files:
-            items = load_eval_set(f, cfg, self.tokenizer)
+            items = load_eval_set(cfg.data.resolve(f), cfg, self.tokenizer)
             if cfg.eval.max_prompts is not None:
                 items = items[:cfg.eval.max_prompts]
             sets[os.path.splitext(os.path.basename(f))[0]] = items

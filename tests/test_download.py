@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -17,7 +20,7 @@ import pytest
 from orz_jax.data import download as dl
 from orz_jax.data.__main__ import main as data_main
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 GOOD = json.dumps([[{"from": "human", "value": f"What is {i} + {i}?"},
                     {"from": "assistant", "ground_truth": {"value": str(2 * i)}}] for i in range(3000)]).encode()
@@ -193,3 +196,62 @@ def test_real_eval_files_verify_against_embedded_ids(tmp_path):
         paths = dl.download(str(tmp_path), table, srv.url, log=lambda s: None)
     for rf, p in zip(table, paths):
         assert open(p, "rb").read() == (SHARED_DATA / rf.name).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# data.dir in the configs, and the start-up line when the files are missing
+# ----------------------------------------------------------------------------------------------
+
+FETCH = "python -m orz_jax.data download --dest data/orz"
+
+
+@pytest.mark.parametrize("name, train", [
+    ("orz_0p5b", ["orz_math_57k_collected.json"]), ("orz_1p5b", ["orz_math_57k_collected.json"]),
+    ("orz_7b", ["orz_math_57k_collected.json"]),
+    ("orz_32b", ["orz_math_57k_collected.json", "orz_math_72k_collection_extended.json"]),
+])
+def test_orz_configs_use_the_full_files(name, train):
+    from orz_jax.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"))
+    assert cfg.data.dir == "data/orz" and [f.path for f in cfg.data.train_files] == train
+    downloadable = {rf.name for rf in dl.ORZ_FILES}
+    assert set(train) | set(cfg.eval.files) <= downloadable  # everything the config reads, the command fetches
+    assert [cfg.data.resolve(f.path) for f in cfg.data.train_files] == [f"data/orz/{t}" for t in train]
+    if len(train) == 2:  # 57k + 72k drawn as one 129k set: weights in proportion to the files' sizes
+        assert [f.weight for f in cfg.data.train_files] == [57.0, 72.0]
+
+
+def test_data_dir_resolution_and_missing_message(tmp_path):
+    from orz_jax.config import load_config
+
+    cfg = load_config(None, ["model.checkpoint=demo", f"data.dir={tmp_path}", "data.source=files",
+                             "data.train_files=[{path: orz_math_57k_collected.json}, {path: ./mine.json}]",
+                             "eval.files=[eval_math500.json, synthetic]"])
+    assert cfg.data.resolve("orz_math_57k_collected.json") == str(tmp_path / "orz_math_57k_collected.json")
+    assert cfg.data.resolve("./mine.json") == "./mine.json" and cfg.data.resolve("synthetic") == "synthetic"
+    assert cfg.data.resolve("runs/a/hard.json") == "runs/a/hard.json"  # a directory part: as written
+    assert dl.missing_data_message(cfg) == (
+        f"data.train_files[0].path: file not found: {tmp_path / 'orz_math_57k_collected.json'} (and 2 more of the "
+        f"configured data files); fetch ORZ's data files with: python -m orz_jax.data download --dest {tmp_path}")
+    for name in ("orz_math_57k_collected.json", "eval_math500.json"):
+        (tmp_path / name).write_text("[]")
+    assert dl.missing_data_message(cfg) == "data.train_files[1].path: file not found: ./mine.json"
+
+
+def test_orz_config_without_data_stops_at_once(tmp_path):
+    """``python -m orz_jax.launch --config configs/orz_0p5b.yaml`` in a directory without data/orz: one line with
+    the download command, exit 2, before any model is built (the config names no checkpoint: a model would be
+    a 0.5B random init, compiled for minutes)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "orz_jax.launch", "--config", str(REPO / "configs" / "orz_0p5b.yaml")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - t0
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: data.train_files[0].path: file not found: data/orz/orz_math_57k_collected.json (and "
+                      f"3 more of the configured data files); fetch ORZ's data files with: {FETCH}"], p.stderr[-3000:]
+    assert "Compiling" not in p.stderr and not (tmp_path / "runs").exists()  # stopped before the run dir
+    assert seconds < 120  # imports only (a few seconds unloaded); a model build would take far longer

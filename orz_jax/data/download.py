@@ -29,14 +29,13 @@ import urllib.request
 from typing import Callable, Optional, Sequence
 
 __all__ = ["ORZ_REPO", "ORZ_COMMIT", "DEFAULT_BASE_URL", "ORZ_FILES", "DownloadError", "RemoteFile",
-           "git_blob_id", "download_file", "download", "missing_files_hint", "main"]
+           "git_blob_id", "download_file", "download", "missing_files_hint", "missing_data_message", "main"]
 
 ORZ_REPO = "Open-Reasoner-Zero/Open-Reasoner-Zero"
 ORZ_COMMIT = "3fdd9a07b4fb01e06005e6e74fc56690cde8a341"
 DEFAULT_BASE_URL = f"https://raw.githubusercontent.com/{ORZ_REPO}/{ORZ_COMMIT}"
 BASE_URL_ENV = "ORZ_JAX_DATA_URL"
 DEFAULT_DEST = os.path.join("data", "orz")  # the ORZ configs' data.dir
-DOWNLOAD_COMMAND = f"python -m orz_jax.data download --dest {DEFAULT_DEST}"
 
 _CHUNK = 1 << 20  # bytes per read / hash update
 
@@ -205,6 +204,28 @@ def missing_files_hint(missing: Sequence[str]) -> Optional[str]:
         return None
     dest = os.path.dirname(ours[0]) or "."
     return f"python -m orz_jax.data download --dest {dest}"
+
+
+def missing_data_message(cfg) -> Optional[str]:
+    """One line naming the configured data files (``data.train_files``, ``eval.files``, resolved in
+    ``data.dir``) that do not exist, with the command that fetches them when they are ORZ's; None if all exist.
+
+    cfg: an ``orz_jax.config.Config``."""
+    wanted = []  # (config key, path)
+    if cfg.data.source == "files":
+        wanted += [(f"data.train_files[{i}].path", cfg.data.resolve(f.path)) for i, f in enumerate(cfg.data.train_files)]
+    wanted += [(f"eval.files[{i}]", cfg.data.resolve(f)) for i, f in enumerate(cfg.eval.files) if f != "synthetic"]
+    missing = [(key, path) for key, path in wanted if not os.path.isfile(path)]
+    if not missing:
+        return None
+    key, path = missing[0]
+    msg = f"{key}: file not found: {path}"
+    if len(missing) > 1:
+        msg += f" (and {len(missing) - 1} more of the configured data files)"
+    hint = missing_files_hint([p for _, p in missing])
+    if hint:
+        msg += f"; fetch ORZ's data files with: {hint}"
+    return msg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
