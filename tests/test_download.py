@@ -185,17 +185,11 @@ def test_embedded_ids_cover_the_orz_files():
     assert dl.missing_files_hint(["data/orz/orz_math_57k_collected.json"]) == \
         "python -m orz_jax.data download --dest data/orz"
     assert dl.missing_files_hint(["elsewhere/mine.json"]) is None
-
-
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="extra coverage only: needs the real ORZ eval files in "
-                                                      "../shared/data/orz (the tests above cover the downloader)")
-def test_real_eval_files_verify_against_embedded_ids(tmp_path):
-    """The embedded eval ids equal the real files' blob ids: serve the real files and download them."""
-    table = [rf for rf in dl.ORZ_FILES if rf.kind == "eval"]
-    with Server({f"/{rf.remote}": (SHARED_DATA / rf.name).read_bytes() for rf in table}) as srv:
-        paths = dl.download(str(tmp_path), table, srv.url, log=lambda s: None)
-    for rf, p in zip(table, paths):
-        assert open(p, "rb").read() == (SHARED_DATA / rf.name).read_bytes()
+    # Extra coverage where ORZ's real eval files are at hand (../shared or $ORZ_SHARED_DATA): the embedded ids are
+    # theirs. The downloader itself is covered above without them.
+    for rf in dl.ORZ_FILES:
+        if rf.kind == "eval" and (SHARED_DATA / rf.name).is_file():
+            assert dl.git_blob_id(str(SHARED_DATA / rf.name)) == rf.blob_id, rf.name
 
 
 # ----------------------------------------------------------------------------------------------
