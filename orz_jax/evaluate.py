@@ -1,13 +1,14 @@
 """Offline evaluation: avg@n and pass@n accuracy of a checkpoint on ORZ eval files.
 
     python -m orz_jax.evaluate --checkpoint runs/demo --data synthetic --n 16
-    python -m orz_jax.evaluate --checkpoint /models/Open-Reasoner-Zero-7B --config configs/orz_7b.yaml \\
-        --data /work/shared/data/orz/eval_aime2024.json /work/shared/data/orz/eval_math500.json --n 16
+    python -m orz_jax.data download --only eval      # ORZ's eval files into data/orz
+    python -m orz_jax.evaluate --checkpoint Open-Reasoner-Zero/Open-Reasoner-Zero-7B --config configs/orz_7b.yaml \\
+        --data data/orz/eval_aime2024.json data/orz/eval_math500.json --n 16
 
 ``--checkpoint`` is either
 
 * a Hugging Face model directory (``config.json`` + safetensors + tokenizer: a released ORZ model or a
-  run's ``final_hf`` export), or
+  run's ``final_hf`` export), or a Hugging Face hub id of one (fetched into the HF cache), or
 * one of our runs: the run directory (holding ``config.yaml`` and ``checkpoints/``), its
   ``checkpoints/`` directory, or one step directory ``checkpoints/<step>``. The policy parameters of
   the latest (or ``--step``) orbax checkpoint are restored into the architecture of the run's base model;

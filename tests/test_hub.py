@@ -60,6 +60,11 @@ assert load_tokenizer(path).eos_id == 1
 cfg_rev = load_config(None, [f"model.checkpoint=tiny-org/Tiny-Qwen.v1@{os.path.basename(snap)}"])
 assert os.path.realpath(resolve_model_path(cfg_rev)) == os.path.realpath(snap)
 
+# python -m orz_jax.evaluate --checkpoint takes the same id.
+from orz_jax.evaluate import locate_checkpoint
+loc = locate_checkpoint("tiny-org/Tiny-Qwen.v1")
+assert loc.kind == "hf" and os.path.realpath(loc.hf_dir) == os.path.realpath(snap), loc
+
 # An existing local directory of the same name wins over the hub.
 os.makedirs("tiny-org")
 shutil.copytree(snap, "tiny-org/Tiny-Qwen.v1")

@@ -113,19 +113,18 @@ def _fetch_into(url: str, part: str, label: str, timeout: float) -> None:
         expected = int(expected) if expected is not None and expected.isdigit() else None
         got = 0
         with open(part, mode) as f:
-            try:
-                while True:
+            while True:
+                try:
                     chunk = resp.read(_CHUNK)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    got += len(chunk)
-            except (http.client.IncompleteRead, OSError) as e:
-                if isinstance(e, http.client.IncompleteRead):
-                    f.write(e.partial)
-                    got += len(e.partial)
-                else:
+                except http.client.IncompleteRead as e:
+                    chunk = e.partial or b""
+                except OSError as e:  # reset, time-out: what arrived stays in .part for the next attempt
+                    f.flush()
                     raise DownloadError(f"{label}: connection failed after {have + got} bytes: {e}") from None
+                if not chunk:
+                    break
+                f.write(chunk)  # a disk error here is no network problem: it propagates as itself
+                got += len(chunk)
             f.flush()
             os.fsync(f.fileno())
         if expected is not None and got < expected:
