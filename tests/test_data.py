@@ -159,6 +159,17 @@ def test_resume_yields_the_same_batches(data):
     assert [keys(b) for b in take(fresh, 13)[7:]] == expected  # = the uninterrupted run
 
 
+def test_bare_names_are_read_from_data_dir():
+    """data.train_files given as bare names are opened in data.dir (the ORZ configs' layout); the prompts'
+    source names stay the files' names."""
+    cfg = make_cfg([FIXTURES.f57k.name, FIXTURES.f72k.name], per_iter=4)
+    cfg.data.dir = str(FIXTURES.dir)
+    td = prepare_train_dataset(cfg, TOK, process_index=0, process_count=1)
+    assert [st.name for st in td.stats] == [str(FIXTURES.f57k), str(FIXTURES.f72k)]
+    assert [st.records for st in td.stats] == [15, 12]
+    assert {s for b in take(iter(td.dataset), 10) for s in b.sources} == {FIXTURES.f57k.stem, FIXTURES.f72k.stem}
+
+
 def test_resume_through_an_orbax_checkpoint(tmp_path):
     """The iterator goes into an Orbax checkpoint with Grain's own handler (one JSON per process)."""
     grain = pytest.importorskip("grain")
