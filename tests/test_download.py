@@ -113,7 +113,7 @@ def test_good_corrupted_truncated_and_missing(tmp_path):
         assert not (dest / "bad.json").exists() and not (dest / "bad.json.part").exists()
 
         with pytest.raises(dl.DownloadError, match=r"trunc.json: truncated: got 0 of \d+ bytes"):
-            dl.download_file(f"{srv.url}/d/trunc.json", str(dest / "trunc.json"), blob(GOOD), retries=2)
+            dl.download_file(f"{srv.url}/d/trunc.json", str(dest / "trunc.json"), blob(GOOD), retries=2, backoff_s=0.01)
         assert not (dest / "trunc.json").exists()
         assert (dest / "trunc.json.part").read_bytes() == GOOD[:1000]  # kept, to resume from
         trunc_reqs = [r for p, r in srv.requests if p == "/d/trunc.json"]

@@ -70,7 +70,14 @@ ORZ_FILES: tuple[RemoteFile, ...] = (
 
 
 class DownloadError(RuntimeError):
-    """A file could not be fetched or did not verify; the message names the file and the failure."""
+    """A file could not be fetched or did not verify; the message names the file and the failure.
+
+    retryable: a network failure after which a resumed attempt can succeed (not an HTTP error or bad content).
+    """
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def git_blob_id(path: str) -> str:
@@ -99,7 +106,7 @@ def _fetch_into(url: str, part: str, label: str, timeout: float) -> None:
             return
         raise DownloadError(f"{label}: HTTP {e.code} {e.reason} for {url}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"{label}: cannot reach {url}: {getattr(e, 'reason', e)}") from None
+        raise DownloadError(f"{label}: cannot reach {url}: {getattr(e, 'reason', e)}", retryable=True) from None
     with resp:
         if resp.status == 206:
             start = _range_start(resp.headers.get("Content-Range", ""))
@@ -120,7 +127,8 @@ def _fetch_into(url: str, part: str, label: str, timeout: float) -> None:
                     chunk = e.partial or b""
                 except OSError as e:  # reset, time-out: what arrived stays in .part for the next attempt
                     f.flush()
-                    raise DownloadError(f"{label}: connection failed after {have + got} bytes: {e}") from None
+                    raise DownloadError(f"{label}: connection failed after {have + got} bytes: {e}",
+                                        retryable=True) from None
                 if not chunk:
                     break
                 f.write(chunk)  # a disk error here is no network problem: it propagates as itself
@@ -129,7 +137,7 @@ def _fetch_into(url: str, part: str, label: str, timeout: float) -> None:
             os.fsync(f.fileno())
         if expected is not None and got < expected:
             raise DownloadError(f"{label}: truncated: got {got} of {expected} bytes announced by the server "
-                                f"(bytes {have}..{have + expected} of the file); rerun to resume")
+                                f"(bytes {have}..{have + expected} of the file); rerun to resume", retryable=True)
 
 
 def _range_start(content_range: str) -> Optional[int]:
@@ -142,11 +150,12 @@ def _range_start(content_range: str) -> Optional[int]:
 
 
 def download_file(url: str, path: str, blob_id: str, *, retries: int = 3, timeout: float = 60.0,
-                  log: Callable[[str], None] = lambda s: None) -> str:
+                  backoff_s: float = 1.0, log: Callable[[str], None] = lambda s: None) -> str:
     """Fetch ``url`` to ``path`` and verify its git blob id; return "present" or "downloaded".
 
     An existing ``path`` with the right id is kept. Otherwise bytes go to ``path + ".part"`` (resumed if it
-    exists, ``retries`` more attempts after a truncated body or a failed connection) and ``path`` is written
+    exists, ``retries`` more attempts after a truncated body or a failed connection, waiting ``backoff_s``,
+    then twice that, ...) and ``path`` is written
     only by the final rename of a verified file. A wrong blob id deletes the ``.part`` (its bytes are wrong,
     resuming would keep them) and raises DownloadError with the expected and computed ids.
     """
@@ -162,11 +171,10 @@ def download_file(url: str, path: str, blob_id: str, *, retries: int = 3, timeou
             _fetch_into(url, part, label, timeout)
             break
         except DownloadError as e:
-            retryable = "truncated" in str(e) or "connection failed" in str(e) or "cannot reach" in str(e)
-            if not retryable or attempt == retries:
+            if not e.retryable or attempt == retries:
                 raise
             log(f"{e}; retrying ({attempt + 1}/{retries})")
-            time.sleep(min(2.0 ** attempt, 10.0) * 0.1)
+            time.sleep(min(backoff_s * 2 ** attempt, 30.0))
     got = git_blob_id(part)
     if got != blob_id:
         size = os.path.getsize(part)
