@@ -62,7 +62,8 @@ class ArchConfig:
 @dataclass
 class ModelConfig:
     # A local Hugging Face directory (config.json + *.safetensors + tokenizer files), the name of a
-    # bundled model ("smollm2-135m"), "demo" (the built-in demo model, pretrained on first use), or
+    # bundled model ("smollm2-135m"), "demo" (the built-in demo model, pretrained on first use), a Hugging
+    # Face hub id "namespace/name[@revision]" that is not a local path (fetched into the HF cache), or
     # None for random init from ``arch``.
     checkpoint: Optional[str] = None
     arch: Optional[ArchConfig] = None
@@ -163,6 +164,9 @@ class SyntheticTaskConfig:
 @dataclass
 class DataConfig:
     source: Literal["synthetic", "files"] = "synthetic"
+    # Where bare file names (no directory part) in data.train_files[].path and eval.files are looked up; paths
+    # with a directory part are used as written. `python -m orz_jax.data download --dest data/orz` fills it.
+    dir: str = "data/orz"
     train_files: list[DataFileConfig] = field(default_factory=list)
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     prompts_per_iter: int = 8  # global; each JAX process gets prompts_per_iter // process_count
@@ -170,6 +174,13 @@ class DataConfig:
     num_epochs: Optional[int] = None  # None: repeat forever
     on_bad_record: Literal["error", "skip"] = "error"
     template: Literal["orz", "plain", "compact", "fewshot"] = "orz"
+
+    def resolve(self, path: str) -> str:
+        """A data file as configured -> the path to open: bare names live in ``dir`` ("x.json" ->
+        "data/orz/x.json"); "synthetic" and paths with a directory part ("./x.json", "runs/a/x.json") stay."""
+        if path == "synthetic" or os.path.dirname(path):
+            return path
+        return os.path.join(self.dir, path)
 
 
 @dataclass
@@ -423,7 +434,8 @@ def validate(cfg: Config) -> None:
            "causal blocks of model.attention_block). A fused kernel is the plan in docs/bench/README.md")
     _check(m.attention_block >= 0, "model.attention_block", f"must be >= 0 (0 = dense), got {m.attention_block}")
     _check(m.checkpoint is not None or m.arch is not None, "model.checkpoint",
-           "set a checkpoint directory (or 'demo' / 'smollm2-135m') or a model.arch block for random init")
+           "set a checkpoint directory, a Hugging Face hub id (or 'demo' / 'smollm2-135m') or a model.arch "
+           "block for random init")
     for axis in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, axis)
         _check(v == -1 or v >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (the rest), got {v}")
@@ -463,6 +475,7 @@ def validate(cfg: Config) -> None:
            f"= {r.max_prompt_len + r.max_response_len}, got {p.pack_len}")
 
     d = cfg.data
+    _check(bool(d.dir), "data.dir", "must be a directory (where bare data file names are looked up)")
     _check(d.prompts_per_iter >= 1, "data.prompts_per_iter", "must be >= 1")
     _check(d.num_epochs is None or d.num_epochs >= 1, "data.num_epochs", "must be >= 1 or null (forever)")
     if d.source == "files":

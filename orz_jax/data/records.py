@@ -1,6 +1,6 @@
 """ORZ-format JSON files -> validated :class:`PromptRecord` lists.
 
-Two record schemas are accepted (see shared/data/orz/SOURCE.md), detected per record:
+Two record schemas are accepted (ORZ's; examples in tests/fixtures/orz, see its README), detected per record:
 
 * training: ``[{"from": "human", "value": <question>},
   {"from": "assistant", "ground_truth": {"value": <answer>, "pass_at_n"?: float}}]``
