@@ -3,7 +3,8 @@
 No format reward, no partial credit. For each ``(response, reference, stop_reason)``:
 
 1. ``stop_reason == "length"``               -> 0, rule ``truncated`` (ORZ scores unfinished responses 0)
-2. no ``\\boxed{}`` in ``<answer>`` (or empty) -> 0, rule ``no_answer``
+2. no ``\\boxed{}`` in ``<answer>`` (or empty) -> 0, rule ``no_answer`` (read as ``reward.extraction``
+   says: ``orz`` needs a closed ``<answer>...</answer>``, see ``orz_jax/reward/extract.py``)
 3. reference is an option letter               -> letter comparison, rule ``choice``
 4. cheap rules (``rules.quick_check``)         -> rule ``exact`` / ``normalized`` / ``numeric``
 5. otherwise math-verify in a worker process   -> rule ``math_verify`` (``timed_out`` / ``parse_failed``
@@ -112,7 +113,7 @@ class RewardScorer:
         pairs: list[tuple[str, str]] = []
         extracted: list[Optional[str]] = [None] * len(responses)
         for i, (resp, ans, stop) in enumerate(zip(responses, answers, stop_reasons)):
-            pred = extract_answer(resp)
+            pred = extract_answer(resp, self.cfg.extraction)
             extracted[i] = pred
             if stop != "stop":
                 results[i] = RewardResult(0.0, pred, "truncated")
