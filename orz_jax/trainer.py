@@ -75,6 +75,12 @@ def resolve_model_path(cfg: Config) -> Optional[str]:
     return ck
 
 
+def _run_checkpoint_dir(run_dir: str) -> str:
+    """A run's checkpoint directory: ``<run_dir>/checkpoints`` when there is one, else ``run_dir`` itself."""
+    sub = os.path.join(run_dir, "checkpoints")
+    return sub if os.path.isdir(sub) else run_dir
+
+
 def check_inputs(cfg: Config) -> None:
     """Cheap checks of files and sizes (no device work)."""
     if cfg.data.source == "files":
@@ -84,8 +90,13 @@ def check_inputs(cfg: Config) -> None:
     for i, f in enumerate(cfg.eval.files):
         if not os.path.isfile(f):
             raise StartupError(f"eval.files[{i}]: file not found: {f}")
-    if cfg.model.init_from_run is not None and not os.path.isdir(cfg.model.init_from_run):
-        raise StartupError(f"model.init_from_run: run directory not found: {cfg.model.init_from_run}")
+    if cfg.model.init_from_run is not None:
+        ck_dir = _run_checkpoint_dir(cfg.model.init_from_run)
+        if not os.path.isdir(ck_dir):
+            raise StartupError(f"model.init_from_run: run directory not found: {cfg.model.init_from_run}")
+        if not any(d.isdigit() for d in os.listdir(ck_dir)):
+            raise StartupError(f"model.init_from_run: no checkpoint in {ck_dir} (expected step directories "
+                               "written by a training run)")
     ndev = jax.device_count()
     try:
         mesh = make_mesh(cfg.mesh)
@@ -274,8 +285,7 @@ class Trainer:
     def _init_from_run(self, run_dir: str) -> None:
         """Policy and critic parameters from the latest checkpoint of another run; the optimizers (step
         count included, so lr schedules start over), data order and iteration stay fresh."""
-        ck_dir = os.path.join(run_dir, "checkpoints")
-        ck_dir = ck_dir if os.path.isdir(ck_dir) else run_dir
+        ck_dir = _run_checkpoint_dir(run_dir)
         src = Checkpointer(ck_dir, dataclasses.replace(self.cfg.checkpoint, async_save=False))
         try:
             step = src.latest_step()

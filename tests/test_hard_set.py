@@ -105,3 +105,13 @@ def test_demo_run_mine_anneal_chain(tmp_path):
     lrs = [r["actor/lr"] for r in _lines(anneal_dir / "metrics.jsonl") if "actor/lr" in r]
     np.testing.assert_allclose(lrs, [1e-4, 1e-4 - (1e-4 - 3e-5) / 2], rtol=1e-6)  # demo actor lr 1e-4
     assert {r["file"] for r in _lines(anneal_dir / "pass_rates.jsonl")} == {str(hard)}
+
+
+def test_init_from_run_startup_errors(tmp_path):
+    from orz_jax.trainer import StartupError, check_inputs
+
+    for run, message in ((tmp_path / "nope", "model.init_from_run: run directory not found: "),
+                         (tmp_path, f"model.init_from_run: no checkpoint in {tmp_path}")):
+        cfg = load_config(DEMO_CONFIG, TINY + [f"model.init_from_run={run}"])
+        with pytest.raises(StartupError, match="^" + message.replace("(", r"\(")):
+            check_inputs(cfg)
