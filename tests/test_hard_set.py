@@ -36,7 +36,7 @@ def test_pass_rate_log_counts_and_hard_set_selection(tmp_path):
     # batch of 2 prompts x 3 samples: prompt 0 (a#7) 2 correct, prompt 1 (a#2) 0 correct
     log.write(1, ["a", "a"], [7, 2], np.array([0, 0, 0, 1, 1, 1]), np.array([1, 0, 1, 0, 0, 0.0]))
     log.write(2, ["a", "a"], [7, 5], np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1.0]))  # a#7: 0 of 2 now
-    log.write(3, ["a"], [2], np.array([0, 0]), np.array([1, 1.0]))
+    log.write(3, ["a", "a"], [2, 9], np.array([0, 0]), np.array([1, 1.0]))  # a#9 got no samples: not logged
     lines = _lines(tmp_path / "pass_rates.jsonl")
     assert lines[0] == {"iteration": 1, "source": "a", "file": "data/a.json", "index": 7, "correct": 2, "samples": 3}
     assert [(r["index"], r["correct"], r["samples"]) for r in lines] == [(7, 2, 3), (2, 0, 3), (7, 0, 2),

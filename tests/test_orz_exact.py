@@ -26,7 +26,7 @@ from orz_jax.template import ORZ_TEMPLATE, format_prompt
 from orz_jax.tokenizer import CharTokenizer
 from conftest import REPO
 
-ORZ_CONFIGS = ["orz_0p5b.yaml", "orz_1p5b.yaml", "orz_7b.yaml", "orz_32b.yaml"]
+ORZ_CONFIGS = ["orz_0p5b.yaml", "orz_1p5b.yaml", "orz_7b.yaml", "orz_32b.yaml", "orz_32b_anneal.yaml"]
 
 # ---- prompt ---------------------------------------------------------------------------------------
 
@@ -216,3 +216,15 @@ def test_grpo_mean_only_hand_numbers():
     std = np.array([0.5] * 4 + [math.sqrt(2) / 3] * 3)
     np.testing.assert_allclose(adv_std[:, 0], hand / std, rtol=1e-6)
     assert PPOConfig().advantage_estimator == "gae"
+
+
+def test_orz_32b_anneal_config_is_the_papers_stage():
+    cfg = load_config(str(REPO / "configs" / "orz_32b_anneal.yaml"))
+    main = load_config(str(REPO / "configs" / "orz_32b.yaml"))
+    a = cfg.ppo.actor
+    assert (a.schedule, a.lr, a.final_lr, a.decay_steps, a.warmup_steps) == ("linear", 1e-6, 3e-7, 100, 0)
+    assert cfg.experiment.num_iterations == 100 and cfg.ppo.actor_steps_per_batch == 1  # 100 actor steps
+    assert cfg.model.init_from_run == main.experiment.out_dir
+    assert [f.path.rsplit("/", 1)[-1] for f in cfg.data.train_files] == ["orz_math_13k_collection_hard.json"]
+    assert cfg.model.arch == main.model.arch and cfg.rollout == main.rollout
+    assert float(lr_schedule(a)(jnp.asarray(99))) == pytest.approx(3e-7 + 7e-7 / 100, rel=1e-6)

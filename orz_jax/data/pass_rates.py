@@ -40,12 +40,14 @@ class PassRateLog:
     def write(self, iteration: int, sources: Sequence[str], indices: Sequence[int], prompt_index: np.ndarray,
               rewards: np.ndarray) -> None:
         """sources, indices: [prompts] of this process's batch; prompt_index: [samples] int, each sample's
-        prompt in the batch; rewards: [samples] float (1.0 = correct)."""
+        prompt in the batch; rewards: [samples] float (1.0 = correct). Prompts without samples are skipped."""
         prompt_index = np.asarray(prompt_index)
         correct = np.bincount(prompt_index, weights=np.asarray(rewards) > 0.5, minlength=len(sources))
         samples = np.bincount(prompt_index, minlength=len(sources))
         with open(self.path, "a") as f:
             for p, (src, idx) in enumerate(zip(sources, indices)):
+                if samples[p] == 0:  # dropped by the rollout (over the prompt limit): no pass rate to report
+                    continue
                 f.write(json.dumps({"iteration": int(iteration), "source": src, "file": self.files.get(src, src),
                                     "index": int(idx), "correct": int(correct[p]), "samples": int(samples[p])})
                         + "\n")
