@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 from orz_jax.config import ArchConfig, ConfigError, ModelConfig, OptimConfig, PPOConfig, RewardConfig, load_config
 from orz_jax.data.pipeline import tokenize_records
 from orz_jax.data.records import PromptRecord
@@ -24,7 +24,6 @@ from orz_jax.reward import RewardScorer
 from orz_jax.reward.extract import extract_answer
 from orz_jax.template import ORZ_TEMPLATE, format_prompt
 from orz_jax.tokenizer import CharTokenizer
-from conftest import REPO
 
 ORZ_CONFIGS = ["orz_0p5b.yaml", "orz_1p5b.yaml", "orz_7b.yaml", "orz_32b.yaml", "orz_32b_anneal.yaml"]
 
