@@ -67,6 +67,22 @@ class Checkpointer:
         critic = critic.replace(params=c["params"], opt_state=c["opt_state"], step=c["step"], rest=c["rest"])
         return actor, critic, dict(out["data"]), dict(out["meta"])
 
+    def restore_params(self, step: int, actor, critic) -> tuple[Any, Any, dict]:
+        """Only the parameters of ``step`` (no optimizer state is read, so no memory is spent on it), in
+        the structure, shapes and shardings of the given train states: (actor params, critic params, meta)."""
+        def target(state):
+            return {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                           state.params)}
+
+        def args(state):
+            t = target(state)
+            return ocp.args.PyTreeRestore(item=t, restore_args=ocp.checkpoint_utils.construct_restore_args(t),
+                                          partial_restore=True)
+
+        out = self._mgr.restore(step, args=ocp.args.Composite(actor=args(actor), critic=args(critic),
+                                                               meta=ocp.args.JsonRestore()))
+        return out["actor"]["params"], out["critic"]["params"], dict(out["meta"])
+
     def wait(self) -> None:
         self._mgr.wait_until_finished()
 

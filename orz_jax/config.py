@@ -71,7 +71,14 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     remat: Literal["none", "full", "dots"] = "none"
-    critic_head_init_std: float = 0.0  # ORZ: the value head starts at (near) zero
+    # Std of the critic's freshly initialised value head (0: zeros). "auto": ORZ's 1 / (hidden_size + 1)
+    # (its critic is the base model plus a new head; the ORZ configs use it). See models/build.py.
+    critic_head_init_std: Union[float, Literal["auto"]] = 0.0
+    # Start from the latest checkpoint of another run (its run directory, or its checkpoint directory): the
+    # policy and critic parameters only, with a fresh optimizer, data order and iteration count (ORZ-32B's
+    # annealing stage). The model's architecture and tokenizer still come from model.checkpoint. A run
+    # that has checkpoints of its own resumes from those instead.
+    init_from_run: Optional[str] = None
     # "xla": attention in XLA ops (the [q, k] scores are materialised). "cudnn" names the planned fused kernel
     # and is refused by validate() until it exists (docs/bench/README.md, "Fix / plan").
     attention_impl: Literal["xla", "cudnn"] = "xla"
@@ -121,11 +128,19 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 50
+    # After warmup: "constant" at lr, or "linear" / "cosine" decay from lr to final_lr over decay_steps
+    # optimizer steps (then final_lr). Steps count optimizer steps (ppo.*_steps_per_batch per iteration),
+    # kept in the optimizer state, so a resumed run continues where it was.
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    final_lr: float = 0.0
+    decay_steps: int = 0
 
 
 @dataclass
 class PPOConfig:
-    advantage_estimator: Literal["gae", "grpo"] = "gae"
+    # "grpo": group mean and std; "grpo_mean_only": ORZ's own GRPO baseline, which only subtracts the group
+    # mean (its code never divides by the std: an operator-precedence slip). See ppo/advantages.py.
+    advantage_estimator: Literal["gae", "grpo", "grpo_mean_only"] = "gae"
     gamma: float = 1.0
     lam: float = 1.0
     normalize_advantages: bool = True  # global mean/std over every valid token of the buffer
@@ -173,7 +188,7 @@ class DataConfig:
     shuffle_seed: int = 0
     num_epochs: Optional[int] = None  # None: repeat forever
     on_bad_record: Literal["error", "skip"] = "error"
-    template: Literal["orz", "plain", "compact", "fewshot"] = "orz"
+    template: Literal["orz", "orz_paraphrase", "plain", "compact", "fewshot"] = "orz"
 
     def resolve(self, path: str) -> str:
         """A data file as configured -> the path to open: bare names live in ``dir`` ("x.json" ->
@@ -187,6 +202,9 @@ class DataConfig:
 class RewardConfig:
     """Rule-based reward (``orz_jax/reward``): 1 for a correct boxed answer in a response that stopped."""
 
+    # How the answer is read (orz_jax/reward/extract.py): "orz" as ORZ's code (a closed <answer>...</answer>
+    # holding \boxed{}; the ORZ configs), "lenient" (an unclosed last <answer> and "\boxed {" count too).
+    extraction: Literal["orz", "lenient"] = "lenient"
     timeout_s: float = 5.0  # per math-verify check (parse reference + parse answer + verify); over it: 0
     num_workers: int = 2  # math-verify worker processes
     # A worker that has not answered timeout_s + this many seconds after starting a check is stuck in code a
@@ -432,6 +450,10 @@ def validate(cfg: Config) -> None:
     _check(m.attention_impl == "xla", "model.attention_impl",
            f"{m.attention_impl!r} is not implemented yet; the only implementation is 'xla' (XLA ops, in "
            "causal blocks of model.attention_block). A fused kernel is the plan in docs/bench/README.md")
+    _check(m.critic_head_init_std == "auto" or m.critic_head_init_std >= 0, "model.critic_head_init_std",
+           f"must be >= 0 or 'auto' (1 / (hidden_size + 1), as ORZ), got {m.critic_head_init_std}")
+    _check(m.init_from_run is None or bool(m.init_from_run), "model.init_from_run",
+           "must be a run directory or null")
     _check(m.attention_block >= 0, "model.attention_block", f"must be >= 0 (0 = dense), got {m.attention_block}")
     _check(m.checkpoint is not None or m.arch is not None, "model.checkpoint",
            "set a checkpoint directory, a Hugging Face hub id (or 'demo' / 'smollm2-135m') or a model.arch "
@@ -467,6 +489,11 @@ def validate(cfg: Config) -> None:
         _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"ppo.{who}.b1", "betas must be in [0, 1)")
         _check(o.grad_clip > 0, f"ppo.{who}.grad_clip", "must be > 0")
         _check(o.warmup_steps >= 0, f"ppo.{who}.warmup_steps", "must be >= 0")
+        if o.schedule != "constant":
+            _check(o.decay_steps >= 1, f"ppo.{who}.decay_steps",
+                   f"must be >= 1 with schedule={o.schedule!r} (optimizer steps from lr to final_lr), got {o.decay_steps}")
+            _check(0 <= o.final_lr <= o.lr, f"ppo.{who}.final_lr",
+                   f"must be in [0, lr={o.lr}] with schedule={o.schedule!r}, got {o.final_lr}")
     _check(p.actor_steps_per_batch >= 1, "ppo.actor_steps_per_batch", "must be >= 1")
     _check(p.critic_steps_per_batch >= 0, "ppo.critic_steps_per_batch", "must be >= 0")
     _check(p.micro_batch_rows >= 1, "ppo.micro_batch_rows", "must be >= 1")

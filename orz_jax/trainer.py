@@ -26,8 +26,9 @@ import numpy as np
 from orz_jax.checkpoint import Checkpointer
 from orz_jax.config import Config, ConfigError, dump_yaml
 from orz_jax.data.download import missing_data_message
+from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
-from orz_jax.data.records import DataError
+from orz_jax.data.records import DataError, source_name
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
 from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
@@ -81,11 +82,24 @@ def resolve_model_path(cfg: Config) -> Optional[str]:
     return ck
 
 
+def _run_checkpoint_dir(run_dir: str) -> str:
+    """A run's checkpoint directory: ``<run_dir>/checkpoints`` when there is one, else ``run_dir`` itself."""
+    sub = os.path.join(run_dir, "checkpoints")
+    return sub if os.path.isdir(sub) else run_dir
+
+
 def check_inputs(cfg: Config) -> None:
     """Cheap checks of files and sizes (no device work)."""
     msg = missing_data_message(cfg)  # first: a run without its data must stop before any device work
     if msg:
         raise StartupError(msg)
+    if cfg.model.init_from_run is not None:
+        ck_dir = _run_checkpoint_dir(cfg.model.init_from_run)
+        if not os.path.isdir(ck_dir):
+            raise StartupError(f"model.init_from_run: run directory not found: {cfg.model.init_from_run}")
+        if not any(d.isdigit() for d in os.listdir(ck_dir)):
+            raise StartupError(f"model.init_from_run: no checkpoint in {ck_dir} (expected step directories "
+                               "written by a training run)")
     ndev = jax.device_count()
     try:
         mesh = make_mesh(cfg.mesh)
@@ -238,6 +252,8 @@ class Trainer:
         self.scorer = RewardScorer(cfg.reward)
         self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints"), cfg.checkpoint)
         self.metrics = MetricsLog(self.out_dir, cfg.experiment.tensorboard)
+        files = {source_name(f.path): f.path for f in cfg.data.train_files} if cfg.data.source == "files" else {}
+        self.pass_rates = PassRateLog(self.out_dir, files, jax.process_index(), jax.process_count())
         self.key = jax.random.key(cfg.experiment.seed)  # split once; fold_in(iteration) per step
         self.iteration = 0
         self._stop_requested = False
@@ -258,13 +274,38 @@ class Trainer:
     def _maybe_resume(self) -> None:
         step = self.ckpt.latest_step() if self.cfg.checkpoint.resume else None
         if step is None:
+            if self.cfg.model.init_from_run is not None:
+                self._init_from_run(self.cfg.model.init_from_run)
             return
         self.actor, self.critic, data_state, meta = self.ckpt.restore(step, self.actor, self.critic)
         self.data_iter.set_state(data_state)
         self.iteration = int(meta["iteration"])
         self.engine.update_params(to_serving(self.actor.params))
         self.metrics.truncate_after(self.iteration)
+        self.pass_rates.truncate_after(self.iteration)
         log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
+
+    def _init_from_run(self, run_dir: str) -> None:
+        """Policy and critic parameters from the latest checkpoint of another run; the optimizers (step
+        count included, so lr schedules start over), data order and iteration stay fresh."""
+        ck_dir = _run_checkpoint_dir(run_dir)
+        src = Checkpointer(ck_dir, dataclasses.replace(self.cfg.checkpoint, async_save=False))
+        try:
+            step = src.latest_step()
+            if step is None:
+                raise StartupError(f"model.init_from_run: no checkpoint in {ck_dir}")
+            try:
+                actor_params, critic_params, meta = src.restore_params(step, self.actor, self.critic)
+            except Exception as e:  # another architecture or a damaged checkpoint: say which run
+                raise StartupError(f"model.init_from_run: cannot restore the parameters of {ck_dir} step {step} "
+                                   f"into this model: {type(e).__name__}: {str(e)[:300]}") from None
+        finally:
+            src.close()
+        self.actor = self.actor.replace(params=actor_params)
+        self.critic = self.critic.replace(params=critic_params)
+        self.engine.update_params(to_serving(self.actor.params))
+        log.info("initialised policy and critic from %s (iteration %s); fresh optimizer", ck_dir,
+                 meta.get("iteration"))
 
     def _save(self) -> None:
         meta = {"iteration": self.iteration, "seed": self.cfg.experiment.seed, "time": time.time()}
@@ -310,6 +351,7 @@ class Trainer:
             ro = self.rollout(batch.prompt_ids, cfg.rollout.n_samples_per_prompt, ro_key)
         with timer.phase("reward"):
             rewards, reward_diag = self.score(ro, batch.answers)  # reward_diag: this process's samples
+            self.pass_rates.write(self.iteration + 1, batch.sources, batch.indices, ro.prompt_index, rewards)
             ro, rewards = gather_rollouts(ro, rewards, len(batch))  # the global buffer (several processes)
         with timer.phase("pack"):
             packed, layout = pack_samples(ro.prompt_ids, ro.prompt_lens, ro.response_ids, ro.response_mask,

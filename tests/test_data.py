@@ -103,14 +103,15 @@ def test_eval_sets(data):
         assert len(items) == data.counts[name]
         prompt_ids, answer, question = items[7]  # unpacks as the module contract's triple
         text = format_prompt(question, "orz")
-        assert len(prompt_ids) == len(text)  # one token per char; <unk> (skipped on decode) for non-ASCII
-        assert TOK.decode(prompt_ids) == "".join(c for c in text if c in DEFAULT_CHARS)
+        assert prompt_ids[0] == TOK.bos_id  # the orz template starts with BOS when the tokenizer has one
+        assert len(prompt_ids) == 1 + len(text)  # one token per char; <unk> (skipped on decode) for non-ASCII
+        assert TOK.decode(prompt_ids[1:]) == "".join(c for c in text if c in DEFAULT_CHARS)
         assert answer == json.loads((data.dir / name).read_text())[7]["final_answer"]
     gpqa = load_eval_set(str(data.dir / "eval_gpqa_diamond.json"), cfg, TOK)
     assert all(set(it.choices) == {"A", "B", "C", "D"} and it.answer in "ABCD" for it in gpqa)
     synth = load_eval_set("synthetic", cfg, TOK)
     assert [it.question for it in synth] == [r.question for r in generate_synthetic(cfg.data.synthetic)[1]]
-    assert TOK.decode(synth[0].prompt_ids) == format_prompt(synth[0].question, "orz")
+    assert TOK.decode(synth[0].prompt_ids[1:]) == format_prompt(synth[0].question, "orz")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_long_prompt_filter_truncate_error(data):
     F57K, n = data.f57k, data.counts[data.f57k.name]
     limit = 1024
     raw = json.loads(F57K.read_text())
-    lengths = [len(format_prompt(r[0]["value"], "orz")) for r in raw]  # char tokenizer: 1 token per char
+    lengths = [1 + len(format_prompt(r[0]["value"], "orz")) for r in raw]  # BOS + 1 token per char
     n_long = sum(n > limit for n in lengths)
     first_long = next(i for i, n in enumerate(lengths) if n > limit)
     assert 0 < n_long < len(raw)
@@ -234,8 +235,8 @@ def test_long_prompt_filter_truncate_error(data):
     it = iter(td.dataset)
     for b in take(it, min(200, n)):
         text = format_prompt(raw[b.indices[0]][0]["value"], "orz")
-        assert b.prompt_ids[0] == TOK.encode(text)[-limit:]  # kept the end, where the cue is
-        assert len(b.prompt_ids[0]) == min(limit, len(text))
+        assert b.prompt_ids[0] == TOK.encode(text, add_bos=True)[-limit:]  # kept the end, where the cue is
+        assert len(b.prompt_ids[0]) == min(limit, 1 + len(text))
 
     cfg.rollout.long_prompt = "error"
     with pytest.raises(DataError, match=f"{F57K.name}: record {first_long}: prompt is {lengths[first_long]} tokens"):

@@ -34,7 +34,7 @@ import numpy as np
 from orz_jax.config import Config
 from orz_jax.data.records import DataError, PromptRecord, load_records
 from orz_jax.data.synthetic import generate_synthetic
-from orz_jax.template import format_prompt
+from orz_jax.template import format_prompt, prepends_bos
 
 __all__ = ["PromptBatch", "EvalItem", "SourceStats", "TrainData", "tokenize_records",
            "prepare_train_dataset", "build_train_pipeline", "load_eval_set"]
@@ -117,9 +117,11 @@ _CHUNK = 1024  # records per encode_batch call: bounds the Encodings alive at on
 def _encode_chunked(records: Sequence[PromptRecord], tokenizer, template: str):
     """Yield (record, ids [prompt_len] int32). Chunked so that only one chunk of Python int lists
     (~36 bytes per token) is alive at a time, not a whole 57k-prompt file's worth."""
+    add_bos = prepends_bos(template) and tokenizer.bos_id is not None  # ORZ: BOS first when there is one
     for start in range(0, len(records), _CHUNK):
         chunk = records[start:start + _CHUNK]
-        for rec, ids in zip(chunk, tokenizer.encode_batch([format_prompt(r.question, template) for r in chunk])):
+        texts = [format_prompt(r.question, template) for r in chunk]
+        for rec, ids in zip(chunk, tokenizer.encode_batch(texts, add_bos=add_bos)):
             yield rec, np.asarray(ids, dtype=np.int32)
 
 

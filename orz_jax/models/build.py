@@ -101,12 +101,20 @@ def model_kwargs(model_cfg: ModelConfig) -> dict:
                 attention_block=model_cfg.attention_block)
 
 
+def critic_head_std(model_cfg: ModelConfig, arch: ArchConfig) -> float:
+    """The value head's init std: ``model.critic_head_init_std``, where ``"auto"`` is ORZ's
+    1 / (hidden_size + 1) (ORZ's critic is the base model with a new N(0, std) scalar head)."""
+    std = model_cfg.critic_head_init_std
+    return 1.0 / (arch.hidden_size + 1) if std == "auto" else float(std)
+
+
 def constructor(kind: Literal["policy", "critic"], arch: ArchConfig, model_cfg: ModelConfig):
     kw = model_kwargs(model_cfg)
     if kind == "policy":
         return lambda rngs: CausalLM(arch, rngs=rngs, **kw)
     if kind == "critic":
-        return lambda rngs: Critic(arch, head_init_std=model_cfg.critic_head_init_std, rngs=rngs, **kw)
+        std = critic_head_std(model_cfg, arch)
+        return lambda rngs: Critic(arch, head_init_std=std, rngs=rngs, **kw)
     raise ValueError(f"kind must be 'policy' or 'critic', got {kind!r}")
 
 

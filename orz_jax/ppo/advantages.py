@@ -103,15 +103,22 @@ def masked_normalize(x: jax.Array, mask: jax.Array, eps: float = NORM_EPS) -> ja
     return (x - mean) / (jnp.sqrt(var) + eps) * m
 
 
-def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, mask: jax.Array, divide_by_std: bool = True
+                    ) -> tuple[jax.Array, jax.Array]:
     """GRPO estimator: each sample's reward minus its prompt group's mean, divided by the group's
     population std when that std is > 0 (a group with identical rewards gets advantage 0), broadcast
     over the sample's response tokens.
+
+    ``divide_by_std=False`` is ORZ's own GRPO baseline (``ppo.advantage_estimator: grpo_mean_only``): its
+    code subtracts the group mean and, through an operator-precedence slip, never divides by the group
+    std. This reproduces what that code does (the group-mean baseline alone), for comparison with ORZ's
+    PPO-vs-GRPO figure; ``grpo`` is the estimator as intended (see docs/ppo_vs_grpo/README.md).
 
     Args:
       rewards:   [n] float.
       group_ids: [n] int, equal for samples of the same prompt (any integers; remapped internally).
       mask:      [n, resp_len] {0,1}.
+      divide_by_std: False: the group-mean baseline only.
     Returns:
       (advantages, returns): [n, resp_len] float32; ``returns`` is the reward on every valid token
       (GRPO has no critic; it is there so the batch layout is the same as for GAE).
@@ -125,7 +132,10 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, mask: jax.Array) -
     centered = r - mean[gid]  # [n]
     var = jax.ops.segment_sum(jnp.square(centered), gid, num_segments=n) / jnp.maximum(count, 1.0)
     std = jnp.sqrt(var)[gid]
-    adv = jnp.where(std > 0, centered / jnp.where(std > 0, std, 1.0), centered)  # [n]
+    if divide_by_std:
+        adv = jnp.where(std > 0, centered / jnp.where(std > 0, std, 1.0), centered)  # [n]
+    else:
+        adv = centered  # [n]
     m = mask.astype(jnp.float32)
     return adv[:, None] * m, r[:, None] * m
 
@@ -148,8 +158,8 @@ def compute_advantages(cfg: PPOConfig, rewards: jax.Array, values: jax.Array, ma
             adv, ret = gae_unit(tok_r, values, mask)
         else:
             adv, ret = gae(tok_r, values, mask, cfg.gamma, cfg.lam)
-    elif cfg.advantage_estimator == "grpo":
-        adv, ret = grpo_advantages(rewards, group_ids, mask)
+    elif cfg.advantage_estimator in ("grpo", "grpo_mean_only"):
+        adv, ret = grpo_advantages(rewards, group_ids, mask, divide_by_std=cfg.advantage_estimator == "grpo")
     else:
         raise ValueError(f"ppo.advantage_estimator: unknown estimator {cfg.advantage_estimator!r}")
     if cfg.normalize_advantages:

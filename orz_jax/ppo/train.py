@@ -61,11 +61,25 @@ class TrainState:
 
 
 def lr_schedule(o: OptimConfig) -> Callable[[jax.Array], jax.Array]:
-    """Linear warmup then constant. Step ``k`` (0-based) uses lr * min(1, (k + 1) / warmup_steps), so
-    the first update is not a wasted zero-lr step."""
+    """Learning rate of optimizer step ``count`` (0-based).
+
+    Warmup: step ``k`` < warmup_steps uses lr * (k + 1) / warmup_steps, so the first update is not a
+    wasted zero-lr step. Then ``o.schedule``: "constant" stays at lr; "linear" / "cosine" go from lr at
+    step warmup_steps to final_lr at step warmup_steps + decay_steps and stay there (optax schedules).
+    """
+    if o.schedule == "constant":
+        after = optax.constant_schedule(o.lr)
+    elif o.schedule == "linear":
+        after = optax.linear_schedule(o.lr, o.final_lr, o.decay_steps)
+    elif o.schedule == "cosine":
+        after = optax.cosine_decay_schedule(o.lr, o.decay_steps, alpha=o.final_lr / o.lr)
+    else:
+        raise ValueError(f"ppo.*.schedule: unknown schedule {o.schedule!r}")
     if o.warmup_steps == 0:
-        return lambda count: jnp.asarray(o.lr, jnp.float32)
-    return lambda count: o.lr * jnp.minimum(1.0, (count + 1.0) / o.warmup_steps)
+        return lambda count: jnp.asarray(after(count), jnp.float32)
+    warmup = lambda count: o.lr * jnp.minimum(1.0, (count + 1.0) / o.warmup_steps)  # noqa: E731
+    joined = optax.join_schedules([warmup, after], boundaries=[o.warmup_steps])
+    return lambda count: jnp.asarray(joined(count), jnp.float32)
 
 
 def make_optimizer(o: OptimConfig) -> optax.GradientTransformation:

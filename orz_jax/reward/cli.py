@@ -177,13 +177,14 @@ def load_answers(path: str) -> list[str]:
     return out
 
 
-def plain_math_verify(responses: list[str], refs: list[str]) -> list[bool]:
-    """The baseline: one process, math-verify with its default (signal) time-outs, no shortcuts."""
+def plain_math_verify(responses: list[str], refs: list[str], extraction: str = "lenient") -> list[bool]:
+    """The baseline: one process, math-verify with its default (signal) time-outs, no shortcuts
+    (answers read as ``reward.extraction`` says, like the scorer's)."""
     from math_verify import parse, verify
 
     out = []
     for resp, ref in zip(responses, refs):
-        pred = extract_answer(resp)
+        pred = extract_answer(resp, extraction)
         ok = False
         if pred:
             ok = bool(verify(parse("\\boxed{" + strip_reference(ref) + "}"), parse("\\boxed{" + pred + "}")))
@@ -208,7 +209,7 @@ def cmd_bench(args) -> int:
     plain = None
     if not args.skip_plain:
         t0 = time.perf_counter()
-        plain = plain_math_verify(responses, refs)
+        plain = plain_math_verify(responses, refs, cfg.extraction)
         plain_s = time.perf_counter() - t0
         print(f"(a) plain math_verify loop:   {n / plain_s:8.1f} responses/s  ({plain_s:.2f} s, "
               f"{sum(plain)} correct)")
@@ -234,7 +235,7 @@ def cmd_bench(args) -> int:
     differ = [i for i in range(n) if ours[i] != plain[i]]
     print(f"    verdicts differing from the plain loop: {len(differ)}")
     for i in differ[:10]:
-        print(f"      ref={refs[i]!r} pred={extract_answer(responses[i])!r} plain={plain[i]} ours={ours[i]} "
+        print(f"      ref={refs[i]!r} pred={extract_answer(responses[i], cfg.extraction)!r} plain={plain[i]} ours={ours[i]} "
               f"rule={results[i].rule}")
     return 0
 

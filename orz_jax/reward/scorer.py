@@ -3,7 +3,8 @@
 No format reward, no partial credit. For each ``(response, reference, stop_reason)``:
 
 1. ``stop_reason == "length"``               -> 0, rule ``truncated`` (ORZ scores unfinished responses 0)
-2. no ``\\boxed{}`` in ``<answer>`` (or empty) -> 0, rule ``no_answer``
+2. no ``\\boxed{}`` in ``<answer>`` (or empty) -> 0, rule ``no_answer`` (read as ``reward.extraction``
+   says: ``orz`` needs a closed ``<answer>...</answer>``, see ``orz_jax/reward/extract.py``)
 3. reference is an option letter               -> letter comparison, rule ``choice``
 4. cheap rules (``rules.quick_check``)         -> rule ``exact`` / ``normalized`` / ``numeric``
 5. otherwise math-verify in a worker process   -> rule ``math_verify`` (``timed_out`` / ``parse_failed``
@@ -142,7 +143,7 @@ class RewardScorer:
     def _in_process(self, resp: str, ans: str, stop: str) -> tuple[Optional[str], str, Optional[RewardResult]]:
         """Steps 1-4 of the module docstring -> (extracted answer, stripped reference, result or None for
         math-verify)."""
-        pred = extract_answer(resp)
+        pred = extract_answer(resp, self.cfg.extraction)
         if stop != "stop":
             return pred, "", RewardResult(0.0, pred, "truncated")
         if not pred:
