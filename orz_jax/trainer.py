@@ -35,6 +35,7 @@ from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state,
 from orz_jax.reward.scorer import RewardScorer, summarize
 from orz_jax.rollout.engine import RolloutEngine
 from orz_jax.rollout.rollouts import RolloutBatch, generate_rollouts
+from orz_jax.rollout_dump import RolloutDumper
 from orz_jax.sharding import make_mesh
 from orz_jax.tokenizer import load_tokenizer
 
@@ -235,6 +236,7 @@ class Trainer:
         self.scorer = RewardScorer(cfg.reward)
         self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints"), cfg.checkpoint)
         self.metrics = MetricsLog(self.out_dir, cfg.experiment.tensorboard)
+        self.dumper = RolloutDumper(cfg, self.tokenizer, self.mesh)  # issue 18: what the critic sees
         self.key = jax.random.key(cfg.experiment.seed)  # split once; fold_in(iteration) per step
         self.iteration = 0
         self._stop_requested = False
@@ -317,6 +319,8 @@ class Trainer:
             packed = self.fns.prepare_batch(self.actor, self.critic, packed, layout.response_index,
                                             ro.response_mask, rewards, ro.prompt_index)
             jax.block_until_ready(packed.advantages)
+        # dispatched ahead of the updates, fetched after them: the exact arrays the update uses, no stall
+        dump = self.dumper.dispatch(self.iteration + 1, packed, layout, ro, rewards)
         with timer.phase("critic_update"):
             if cfg.ppo.critic_steps_per_batch > 0:
                 self.critic, critic_m = self.fns.critic_step(self.critic, packed)
@@ -328,6 +332,9 @@ class Trainer:
             jax.block_until_ready(self.actor.step)
         with timer.phase("weight_sync"):
             self.engine.update_params(to_serving(self.actor.params))
+        if dump is not None:
+            with timer.phase("dump"):
+                self.dumper.write(dump, ro, batch.answers)
 
         n_tok = float(ro.response_lens.sum())
         m = rollout_metrics(ro, rewards, cfg.rollout.n_samples_per_prompt)
