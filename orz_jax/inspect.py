@@ -80,6 +80,7 @@ h1{font-size:20px;margin:0 0 6px} h2{font-size:16px;margin:0 0 6px}
 .facts{flex:1;min-width:320px}
 .facts table{border-collapse:collapse} .facts td{padding:1px 10px 1px 0;vertical-align:top}
 .facts td:first-child{color:#666;white-space:nowrap}
+#table th,#table td{padding:2px 10px;text-align:right} #table th{font-weight:600}
 pre.prompt{white-space:pre-wrap;background:#f3f3f3;padding:6px;border-radius:4px;margin:0;max-height:8em;overflow:auto}
 .resp{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-all;margin-top:8px;
       line-height:1.9}
@@ -122,7 +123,15 @@ function fmt(v, d) { return (v === null || v === undefined || isNaN(v)) ? '-' : 
 // series: [{name, color, xs, ys, dash}]; draws axes with min/max labels and a legend.
 function lineChart(parent, series, opts) {
   opts = opts || {};
-  var W = opts.width || 360, H = opts.height || 140, L = 42, R = 8, T = 16, B = 22;
+  var W = opts.width || 360, L = 42, R = 8, B = 22;
+  // legend entries laid out in rows that fit the width; the plot starts below them
+  var pos = [], lx = L + 4, row = 0;
+  series.forEach(function (s) {
+    var w = 8 + 6.2 * s.name.length;
+    if (lx + w > W && lx > L + 4) { row++; lx = L + 4; }
+    pos.push([lx, 12 + 12 * row]); lx += w;
+  });
+  var T = 16 + 12 * row, H = (opts.height || 140) + 12 * row;
   var svg = el('svg', {width: W, height: H, 'class': 'chart ' + (opts.cls || '')}, parent);
   var xs = [], ys = [];
   series.forEach(function (s) {
@@ -142,8 +151,7 @@ function lineChart(parent, series, opts) {
   el('text', {x: L - 4, y: H - B, 'text-anchor': 'end'}, svg).textContent = fmt(y0, 2);
   el('text', {x: L, y: H - 6}, svg).textContent = String(x0);
   el('text', {x: W - R, y: H - 6, 'text-anchor': 'end'}, svg).textContent = (opts.xlabel ? opts.xlabel + ' ' : '') + x1;
-  var lx = L + 4;
-  series.forEach(function (s) {
+  series.forEach(function (s, si) {
     var d = '', pen = false;
     s.xs.forEach(function (x, i) {
       var y = s.ys[i];
@@ -155,8 +163,8 @@ function lineChart(parent, series, opts) {
     if (s.xs.length < 40) s.xs.forEach(function (x, i) {
       if (s.ys[i] !== null && !isNaN(s.ys[i])) el('circle', {cx: px(x), cy: py(s.ys[i]), r: 2, fill: s.color}, svg);
     });
-    var t = el('text', {x: lx, y: 12, fill: s.color}, svg); t.textContent = s.name; t.style.fill = s.color;
-    lx += 8 + 6.2 * s.name.length;
+    var t = el('text', {x: pos[si][0], y: pos[si][1], fill: s.color}, svg); t.textContent = s.name;
+    t.style.fill = s.color;
   });
   return svg;
 }
