@@ -224,6 +224,19 @@ def test_page_renders_in_headless_chromium(dumped, tmp_path):
     assert len(re.findall(r'<svg[^>]*class="chart value-curve', dom)) == K
     assert f'data-tokens="{n_tok}"' in body and f'data-samples="{K}"' in body
 
+    # hover: a mouseover on the first token fills the tooltip with its value, advantage and log-prob
+    probe = ("<script>var t = document.querySelector('#samples .tok'); t.dispatchEvent(new MouseEvent('mouseover', "
+             "{bubbles: true})); document.body.setAttribute('data-tip', document.getElementById('tip').textContent);"
+             "</script></body>")
+    hover = tmp_path / "hover.html"
+    hover.write_text(open(paths["iteration"]).read().replace("</body>", probe))
+    tip = re.search(r'data-tip="([^"]*)"', _dom(hover, tmp_path)).group(1)
+    r0 = recs[0]
+    for label, v in (("V(s_t)", r0["values"][0]), ("advantage", r0["advantages"][0]),
+                     ("log-prob", r0["sampling_logprobs"][0])):
+        v = float(str(v))  # the page holds the shortest float32 repr, read as a double
+        assert re.search(re.escape(label) + r"\s+" + re.escape(f"{v:.4f}"), tip), (label, v, tip)
+
     one = build(dumped["run_dir"], sample=recs[1]["sample"], out_dir=str(tmp_path / "one"))
     dom1 = _dom(one["iteration"], tmp_path)
     assert len(re.findall(r'<span class="tok(?: rep)?" data-t="\d+" data-s="\d+"', dom1)) == len(recs[1]["response_ids"])
