@@ -270,6 +270,10 @@ class ExperimentConfig:
     num_iterations: int = 20
     tensorboard: bool = True
     progress_bar: bool = True
+    # Rollout dumps to <out_dir>/rollouts/ (orz_jax/rollout_dump.py, read by python -m orz_jax.inspect): every
+    # this many iterations (null: num_iterations // 4; 0: off), plus the first, the last and every eval iteration.
+    dump_rollouts_every: Optional[int] = None
+    dump_rollouts_samples: int = 8  # per dump: best, worst, median by advantage, then random ones
 
 
 @dataclass
@@ -522,6 +526,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
     _check(cfg.experiment.num_iterations >= 0, "experiment.num_iterations", "must be >= 0")
+    _check(cfg.experiment.dump_rollouts_every is None or cfg.experiment.dump_rollouts_every >= 0,
+           "experiment.dump_rollouts_every", "must be >= 0 (0 = no dumps) or null (about four per run)")
+    _check(cfg.experiment.dump_rollouts_samples >= 0, "experiment.dump_rollouts_samples", "must be >= 0")
     _check(0 < cfg.demo.boxed_prob <= 1, "demo.boxed_prob", "must be in (0, 1]")
     _check(cfg.demo.steps >= 1 and cfg.demo.batch_size >= 1, "demo.steps", "steps and batch_size must be >= 1")
 

@@ -38,6 +38,7 @@ from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state,
 from orz_jax.reward.scorer import RewardScorer, summarize
 from orz_jax.rollout.engine import RolloutEngine
 from orz_jax.rollout.rollouts import RolloutBatch, generate_rollouts
+from orz_jax.rollout_dump import RolloutDumper
 from orz_jax.sharding import make_mesh
 from orz_jax.tokenizer import load_tokenizer
 
@@ -254,6 +255,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, cfg.experiment.tensorboard)
         files = {source_name(f.path): f.path for f in cfg.data.train_files} if cfg.data.source == "files" else {}
         self.pass_rates = PassRateLog(self.out_dir, files, jax.process_index(), jax.process_count())
+        self.dumper = RolloutDumper(cfg, self.tokenizer, self.mesh)  # issue 18: what the critic sees
         self.key = jax.random.key(cfg.experiment.seed)  # split once; fold_in(iteration) per step
         self.iteration = 0
         self._stop_requested = False
@@ -362,6 +364,10 @@ class Trainer:
             packed = self.fns.prepare_batch(self.actor, self.critic, packed, layout.response_index,
                                             ro.response_mask, rewards, ro.prompt_index)
             jax.block_until_ready(packed.advantages)
+        # dispatched ahead of the updates, fetched after them: the exact arrays the update uses, no stall
+        t_dump = time.perf_counter()
+        dump = self.dumper.dispatch(self.iteration + 1, packed, layout, ro, rewards)
+        t_dump = time.perf_counter() - t_dump
         with timer.phase("critic_update"):
             if cfg.ppo.critic_steps_per_batch > 0:
                 self.critic, critic_m = self.fns.critic_step(self.critic, packed)
@@ -373,6 +379,10 @@ class Trainer:
             jax.block_until_ready(self.actor.step)
         with timer.phase("weight_sync"):
             self.engine.update_params(to_serving(self.actor.params))
+        if dump is not None:
+            with timer.phase("dump"):
+                self.dumper.write(dump, ro, batch.answers)
+            timer.times["dump"] += t_dump  # dispatch (and its first compile) counts too
 
         n_tok = float(ro.response_lens.sum())
         m = rollout_metrics(ro, rewards, cfg.rollout.n_samples_per_prompt)

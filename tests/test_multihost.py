@@ -94,6 +94,9 @@ else:  # the whole loop: eval, one iteration, orbax checkpoint, HF export (proce
         with open(f"{out_dir}/run/metrics.jsonl") as f:
             metrics = [r for r in map(json.loads, f) if "reward_mean" in r][0]
         metrics.pop("iteration")
+        # issue 18: process 0 dumps rows of the global buffer, with the references of both hosts' prompts
+        dump = [json.loads(line) for line in open(f"{out_dir}/run/rollouts/iter_000001.jsonl")]
+        assert len(dump) == 8 and all(r["reference"] is not None for r in dump), dump
         from orz_jax.models.hf_io import load_hf
         import dataclasses
         exported, _ = load_hf("policy", summary["exported_to"], dataclasses.replace(cfg.model, arch=None))
