@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
-from orz_jax.metrics_log import MetricsLog
 from orz_jax.config import Config, ConfigError, dump_yaml
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError
+from orz_jax.metrics_log import MetricsLog
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
 from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
@@ -366,6 +366,11 @@ class Trainer:
                     f"resume from checkpoint step {self._safe_latest()}") from e
             raise
 
+    def _logged(self, iteration: int) -> Optional[dict]:
+        """The metrics line of ``iteration`` already on disk, to skip redoing its evaluation. One process only:
+        the log lives on process 0, and every process must take the same decision (the eval runs on all)."""
+        return self.metrics.get(iteration) if jax.process_count() == 1 else None
+
     def _safe_latest(self) -> Optional[int]:
         try:
             return self.ckpt.latest_step()
@@ -381,7 +386,7 @@ class Trainer:
         ok = False
         try:
             if self.iteration == 0 and self.eval_sets:
-                done = self.metrics.get(0)  # resumed at 0 (SIGTERM during this eval): already logged
+                done = self._logged(0)  # resumed at 0 (SIGTERM during this eval): already logged
                 if done is not None and "eval/avg_accuracy" in done:
                     ev = {k: v for k, v in done.items() if k.startswith("eval/")}
                 else:
@@ -420,7 +425,7 @@ class Trainer:
             self.ckpt.wait()
             if not self._stop_requested and self.iteration >= cfg.experiment.num_iterations:
                 if not last_train:  # a rerun of a finished run: its final line is on disk already
-                    last_train = self.metrics.get(self.iteration) or {}
+                    last_train = self._logged(self.iteration) or {}
                 if self.eval_sets and "eval/avg_accuracy" not in last_train:
                     ev = self.evaluate(self.iteration)
                     self.metrics.write(self.iteration, ev)
@@ -440,7 +445,8 @@ class Trainer:
             except Exception:
                 if ok:
                     raise  # a failure here is the error to report; otherwise keep the first one
-            self.scorer.close()
+            finally:
+                self.scorer.close()
         summary.update(end_iteration=self.iteration, seconds=time.time() - t_start,
                        stopped_by_signal=self._stop_requested)
         if jax.process_index() == 0:
