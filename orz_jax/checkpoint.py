@@ -103,9 +103,13 @@ class Checkpointer:
         """Move the unreadable ``step`` out of the manager's view (never deletes it)."""
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(self.directory, "unreadable", f"{step}-{int(time.time())}")
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        os.rename(src, dst)
-        log.warning("checkpoint step %d skipped: it does not restore (%s); moved to %s", step, why, dst)
+        if jax.process_index() == 0:  # one shared directory: one process moves, all wait for it
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+            log.warning("checkpoint step %d skipped: it does not restore (%s); moved to %s", step, why, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"orz_jax set aside checkpoint {step}")
         self._mgr.reload()
 
     def wait(self) -> None:

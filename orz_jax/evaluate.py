@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -309,14 +310,24 @@ def _split_data_and_overrides(data: list[str], overrides: list[str]) -> tuple[li
     return files, overrides + more
 
 
-def _check_writable_dir(path: str, what: str) -> None:
-    """Create ``path`` and write a probe file in it, or raise EvalError naming ``what``."""
+def _check_writable_dir(path: str, what: str, create: bool = False) -> None:
+    """Raise EvalError naming ``what`` unless ``path`` can be created and written. ``create``: make it and write
+    a probe file; otherwise only look at its nearest existing ancestor (nothing is created before the work)."""
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        if create:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+            return
+        base = os.path.abspath(path)
+        while not os.path.exists(base):
+            base = os.path.dirname(base)
+        if not os.path.isdir(base):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as e:
         raise EvalError(f"{what}: cannot write to {path}: {e.strerror or e}") from None
 
@@ -367,7 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if out is None:
             out = (os.path.join(out_base, f"step_{loaded.step}") if loc.kind == "orbax"
                    else os.path.join(out_base, os.path.basename(loc.hf_dir)))
-        _check_writable_dir(out, "--out")
+        _check_writable_dir(out, "--out", create=True)
     except (EvalError, ConfigError, DataError, CheckpointError, TokenizerError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
