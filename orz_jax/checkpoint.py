@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+import shutil
+import time
+from typing import Any, Iterator, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,10 +28,26 @@ def _arrays(state) -> dict:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rest": state.rest}
 
 
+class _DropDiskFullTracebacks(logging.Filter):
+    """Orbax logs the full traceback of a failed background save before re-raising it to us; on a full disk
+    the trainer reports that failure in one line (see orz_jax.run_guard), so the traceback is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from orz_jax.run_guard import disk_full
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and disk_full(exc))
+
+
+_DISK_FULL_FILTER = _DropDiskFullTracebacks()
+
+
 class Checkpointer:
     def __init__(self, directory: str, cfg: CheckpointConfig):
+        for name in ("absl", "orbax"):  # orbax logs through absl; idempotent (a filter is added once)
+            logging.getLogger(name).addFilter(_DISK_FULL_FILTER)
         self.directory = os.path.abspath(directory)
         self.cfg = cfg
+        _remove_unfinished_saves(self.directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                             create=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=opts,
@@ -83,9 +101,53 @@ class Checkpointer:
                                                                meta=ocp.args.JsonRestore()))
         return out["actor"]["params"], out["critic"]["params"], dict(out["meta"])
 
+    def restore_newest(self, actor, critic) -> Iterator[tuple[int, Any, Any, dict, dict]]:
+        """Yield restored states ``(step, actor, critic, data_state, meta)`` newest first. A step that does not
+        restore (a truncated file, an empty directory) is logged with the reason and moved aside to
+        ``<directory>/unreadable/<step>-<time>`` (never deleted: it may hold the only copy of something
+        worth rescuing), so that the run does not save over it or fail on it again. The caller stops at the
+        first step it can use; if it cannot use a yielded step, it calls :meth:`set_aside` on it."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                out = self.restore(step, actor, critic)
+            except Exception as e:  # orbax / tensorstore raise many types for unreadable files
+                self.set_aside(step, f"{type(e).__name__}: {_first_line(e)}")
+                continue
+            yield (step, *out)
+
+    def set_aside(self, step: int, why: str) -> None:
+        """Move the unreadable ``step`` out of the manager's view (never deletes it)."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, "unreadable", f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:  # one shared directory: one process moves, all wait for it
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+            log.warning("checkpoint step %d skipped: it does not restore (%s); moved to %s", step, why, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"orz_jax set aside checkpoint {step}")
+        self._mgr.reload()
+
     def wait(self) -> None:
         self._mgr.wait_until_finished()
 
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+    """Delete the ``<step>.orbax-checkpoint-tmp*`` directories of saves cut short (kill -9, a full disk):
+    never finalised, they hold no usable step, and on a disk that was full they hold the space the run
+    needs to resume. Process 0 only (one trainer per directory)."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if ".orbax-checkpoint-tmp" in name:
+            log.info("removing the unfinished save %s", os.path.join(directory, name))
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text[:limit]

@@ -10,6 +10,7 @@ any device work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -440,8 +441,25 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float in the config must be a finite number: YAML reads ``inf`` / ``.nan`` as floats, and an
+    infinite learning rate or timeout would otherwise pass every range check below."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _check_finite(v, f"{prefix}[{i}]")
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _check_finite(v, f"{prefix}.{k}")
+    elif isinstance(node, float):
+        _check(math.isfinite(node), prefix, f"must be a finite number, got {node}")
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need more than the type. Raises ConfigError naming the key."""
+    _check_finite(cfg)
     m = cfg.model
     if m.arch is not None:
         a = m.arch
@@ -451,6 +469,12 @@ def validate(cfg: Config) -> None:
                f"num_heads={a.num_heads} must be a multiple of num_kv_heads={a.num_kv_heads}")
         _check(a.head_dim is not None or a.hidden_size % a.num_heads == 0, "model.arch.head_dim",
                "hidden_size must divide by num_heads when head_dim is not given")
+        _check(a.head_dim is None or a.head_dim > 0, "model.arch.head_dim", "must be > 0 or null")
+        _check(a.rope_theta > 0, "model.arch.rope_theta", "must be > 0")
+        _check(a.rms_norm_eps > 0, "model.arch.rms_norm_eps", "must be > 0")
+        _check(a.max_position_embeddings > 0, "model.arch.max_position_embeddings", "must be > 0")
+        _check(a.initializer_range >= 0, "model.arch.initializer_range", "must be >= 0")
+    _check(m.critic_head_init_std >= 0, "model.critic_head_init_std", "must be >= 0")
     _check(m.attention_impl == "xla", "model.attention_impl",
            f"{m.attention_impl!r} is not implemented yet; the only implementation is 'xla' (XLA ops, in "
            "causal blocks of model.attention_block). A fused kernel is the plan in docs/bench/README.md")
@@ -487,10 +511,14 @@ def validate(cfg: Config) -> None:
     _check(p.clip_eps > 0, "ppo.clip_eps", "must be > 0")
     _check(p.value_clip is None or p.value_clip > 0, "ppo.value_clip", "must be > 0 or null")
     _check(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+    _check(p.entropy_coef >= 0, "ppo.entropy_coef", "must be >= 0")
     for who in ("actor", "critic"):
         o = getattr(p, who)
         _check(o.lr > 0, f"ppo.{who}.lr", "must be > 0")
-        _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"ppo.{who}.b1", "betas must be in [0, 1)")
+        _check(0 <= o.b1 < 1, f"ppo.{who}.b1", "must be in [0, 1)")
+        _check(0 <= o.b2 < 1, f"ppo.{who}.b2", "must be in [0, 1)")
+        _check(o.eps > 0, f"ppo.{who}.eps", "must be > 0")
+        _check(o.weight_decay >= 0, f"ppo.{who}.weight_decay", "must be >= 0")
         _check(o.grad_clip > 0, f"ppo.{who}.grad_clip", "must be > 0")
         _check(o.warmup_steps >= 0, f"ppo.{who}.warmup_steps", "must be >= 0")
         if o.schedule != "constant":
@@ -517,6 +545,8 @@ def validate(cfg: Config) -> None:
     s = d.synthetic
     _check(1 <= s.min_ops <= s.max_ops, "data.synthetic.max_ops", "need 1 <= min_ops <= max_ops")
     _check(s.max_operand >= 1, "data.synthetic.max_operand", "must be >= 1")
+    _check(s.num_train >= 1, "data.synthetic.num_train", "must be >= 1")
+    _check(s.num_eval >= 1, "data.synthetic.num_eval", "must be >= 1")
     _check(len(s.ops) > 0 and set(s.ops) <= set("+-*") and len(set(s.ops)) == len(s.ops), "data.synthetic.ops",
            f"must be distinct operators from '+-*', got {s.ops!r}")
 
@@ -525,16 +555,27 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.eval.every >= 0, "eval.every", "must be >= 0 (0 = never)")
     _check(cfg.eval.n_samples >= 1, "eval.n_samples", "must be >= 1")
+    _check(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
+    _check(cfg.eval.max_prompts is None or cfg.eval.max_prompts >= 1, "eval.max_prompts",
+           f"must be >= 1 or null (all prompts), got {cfg.eval.max_prompts}")
     _check(cfg.experiment.num_iterations >= 0, "experiment.num_iterations", "must be >= 0")
     _check(cfg.experiment.dump_rollouts_every is None or cfg.experiment.dump_rollouts_every >= 0,
            "experiment.dump_rollouts_every", "must be >= 0 (0 = no dumps) or null (about four per run)")
     _check(cfg.experiment.dump_rollouts_samples >= 0, "experiment.dump_rollouts_samples", "must be >= 0")
     _check(0 < cfg.demo.boxed_prob <= 1, "demo.boxed_prob", "must be in (0, 1]")
-    _check(cfg.demo.steps >= 1 and cfg.demo.batch_size >= 1, "demo.steps", "steps and batch_size must be >= 1")
+    _check(cfg.demo.steps >= 1, "demo.steps", "must be >= 1")
+    _check(cfg.demo.batch_size >= 1, "demo.batch_size", "must be >= 1")
+    _check(cfg.demo.lr > 0, "demo.lr", "must be > 0")
+    _check(cfg.demo.warmup_steps >= 0, "demo.warmup_steps", "must be >= 0")
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _check(getattr(cfg.demo, name) >= 1, f"demo.{name}", "must be >= 1")
+    _check(cfg.demo.num_heads % cfg.demo.num_kv_heads == 0, "demo.num_kv_heads",
+           f"num_heads={cfg.demo.num_heads} must be a multiple of num_kv_heads={cfg.demo.num_kv_heads}")
 
 
 def validate_reward(rw: RewardConfig) -> None:
     """Range checks of the ``reward`` section (also used by ``python -m orz_jax.reward``)."""
+    _check_finite(rw, "reward")
     _check(rw.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _check(rw.num_workers >= 1, "reward.num_workers", "must be >= 1")
     _check(rw.kill_grace_s > 0, "reward.kill_grace_s", "must be > 0")

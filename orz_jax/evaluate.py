@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -164,8 +165,8 @@ def load_policy(loc: CheckpointLocation, cfg: Config) -> LoadedPolicy:
     """Build the policy the location describes, on the mesh of ``cfg.mesh``."""
     from flax import nnx
 
-    from orz_jax.models.build import abstract_model, arch_from_hf_config
-    from orz_jax.models.hf_io import load_hf
+    from orz_jax.models.build import abstract_model
+    from orz_jax.models.hf_io import load_hf, read_hf_arch
     from orz_jax.sharding import make_mesh, state_shardings
     from orz_jax.tokenizer import load_tokenizer
     from orz_jax.trainer import resolve_model_path
@@ -182,8 +183,7 @@ def load_policy(loc: CheckpointLocation, cfg: Config) -> LoadedPolicy:
         raise EvalError(f"--step {step}: no checkpoint of that step in {loc.ckpt_dir} (have {steps})")
     base = resolve_model_path(cfg)  # the run's base model: its config.json is the architecture
     if base is not None:
-        with open(os.path.join(base, "config.json")) as f:
-            arch = arch_from_hf_config(json.load(f), source=os.path.join(base, "config.json"))
+        arch = read_hf_arch(os.path.join(base, "config.json"))
     elif cfg.model.arch is not None:
         arch = cfg.model.arch
     else:
@@ -317,6 +317,28 @@ def _split_data_and_overrides(data: list[str], overrides: list[str]) -> tuple[li
     return files, overrides + more
 
 
+def _check_writable_dir(path: str, what: str, create: bool = False) -> None:
+    """Raise EvalError naming ``what`` unless ``path`` can be created and written. ``create``: make it and write
+    a probe file; otherwise only look at its nearest existing ancestor (nothing is created before the work)."""
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+            return
+        base = os.path.abspath(path)
+        while not os.path.exists(base):
+            base = os.path.dirname(base)
+        if not os.path.isdir(base):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise EvalError(f"{what}: cannot write to {path}: {e.strerror or e}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orz_jax.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF model dir, or a run / checkpoints / step dir")
@@ -353,17 +375,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if max_prompts is not None and max_prompts < 1:
             raise EvalError(f"--max-prompts must be >= 1, got {max_prompts}")
         seed = args.seed if args.seed is not None else cfg.experiment.seed
+        # the output directory's parent must be writable before the long work, not after it
+        out_base = args.out or (os.path.join(os.path.dirname(loc.ckpt_dir), "eval") if loc.kind == "orbax"
+                                else "eval")
+        _check_writable_dir(out_base, "--out")
         loaded = load_policy(loc, cfg)
         results = evaluate_files(loaded, cfg, files, n, seed, max_prompts)
+        out = args.out
+        if out is None:
+            out = (os.path.join(out_base, f"step_{loaded.step}") if loc.kind == "orbax"
+                   else os.path.join(out_base, os.path.basename(loc.hf_dir)))
+        _check_writable_dir(out, "--out", create=True)
     except (EvalError, ConfigError, DataError, CheckpointError, TokenizerError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    out = args.out
-    if out is None:
-        out = (os.path.join(os.path.dirname(loc.ckpt_dir), "eval", f"step_{loaded.step}") if loc.kind == "orbax"
-               else os.path.join("eval", os.path.basename(loc.hf_dir)))
-    os.makedirs(out, exist_ok=True)
     summary = summarize_files(results, n)
     report = {"checkpoint": loaded.source, "step": loaded.step, "n": n, "seed": seed, "max_prompts": max_prompts,
               "temperature": cfg.eval.temperature, "top_p": cfg.rollout.top_p,

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="YAML config (default: the built-in demo)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. ppo.actor.lr=2e-6")
     p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
+    # intermixed: overrides may come before and after --config (``a.b=1 --config X c.d=2``)
+    args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
 
     from orz_jax.config import load_config
     from orz_jax.tokenizer import TokenizerError
+    from orz_jax.run_guard import TrainingError
     from orz_jax.trainer import STARTUP_ERRORS, Trainer
 
     try:
@@ -59,7 +61,11 @@ def main(argv=None) -> int:
     except (*STARTUP_ERRORS, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except TrainingError as e:  # non-finite update, full disk: one line, non-zero exit, nothing bad saved
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if jax.process_index() == 0:
         print(format_summary(summary))
     return 0

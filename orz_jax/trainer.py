@@ -29,6 +29,7 @@ from orz_jax.data.download import missing_data_message
 from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError, source_name
+from orz_jax.metrics_log import MetricsLog
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
 from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
@@ -39,6 +40,8 @@ from orz_jax.reward.scorer import RewardScorer, summarize
 from orz_jax.rollout.engine import RolloutEngine
 from orz_jax.rollout.rollouts import RolloutBatch, generate_rollouts
 from orz_jax.rollout_dump import RolloutDumper
+from orz_jax.run_guard import (ENTROPY_WARN_FRACTION, NonFiniteError, TrainingError, disk_full, divergence,
+                               nonfinite_quantity)
 from orz_jax.sharding import make_mesh
 from orz_jax.tokenizer import load_tokenizer
 
@@ -156,46 +159,6 @@ def rollout_metrics(ro: RolloutBatch, rewards: np.ndarray, n_samples: int, prefi
 
 
 # ----------------------------------------------------------------------------------------------
-# Metric sinks
-# ----------------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """JSONL (always) + TensorBoard (when ``experiment.tensorboard``), written by process 0 only."""
-
-    def __init__(self, out_dir: str, tensorboard: bool):
-        self.enabled = jax.process_index() == 0
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        self._tb = None
-        if self.enabled and tensorboard:
-            try:
-                from flax.metrics.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
-            except Exception as e:  # TensorBoard is optional: never let it stop a run
-                log.warning("TensorBoard disabled: %s", e)
-
-    def write(self, iteration: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"iteration": iteration, **metrics}, allow_nan=True) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and np.isfinite(v):
-                    self._tb.scalar(k, v, iteration)
-            self._tb.flush()
-
-    def truncate_after(self, iteration: int) -> None:
-        """Drop lines past ``iteration`` (written after the checkpoint we resume from)."""
-        if not (self.enabled and os.path.isfile(self.path)):
-            return
-        with open(self.path) as f:
-            keep = [line for line in f if json.loads(line)["iteration"] <= iteration]
-        with open(self.path, "w") as f:
-            f.writelines(keep)
-
-
-# ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
 
@@ -218,9 +181,14 @@ class Trainer:
             log.info("process %d of %d", jax.process_index(), jax.process_count())
         check_inputs(cfg)
         self.out_dir = cfg.experiment.out_dir
-        os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-            f.write(dump_yaml(cfg))
+        ckpt_dir = cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
+        _check_writable(self.out_dir, "experiment.out_dir")
+        _check_writable(ckpt_dir, "checkpoint.dir" if cfg.checkpoint.dir else "experiment.out_dir")
+        try:
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                f.write(dump_yaml(cfg))
+        except OSError as e:
+            raise StartupError(f"experiment.out_dir: cannot write {self.out_dir}/config.yaml: {e.strerror}") from None
 
         self.mesh = make_mesh(cfg.mesh)
         model_path = resolve_model_path(cfg)
@@ -251,14 +219,15 @@ class Trainer:
         self.engine = RolloutEngine(serving_model(policy), cfg.rollout, self.tokenizer,
                                     mesh=serving_mesh(cfg.mesh, self.mesh), seed=cfg.experiment.seed)
         self.scorer = RewardScorer(cfg.reward)
-        self.ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints"), cfg.checkpoint)
-        self.metrics = MetricsLog(self.out_dir, cfg.experiment.tensorboard)
+        self.ckpt = Checkpointer(ckpt_dir, cfg.checkpoint)
+        self.metrics = MetricsLog(self.out_dir, cfg.experiment.tensorboard, enabled=jax.process_index() == 0)
         files = {source_name(f.path): f.path for f in cfg.data.train_files} if cfg.data.source == "files" else {}
         self.pass_rates = PassRateLog(self.out_dir, files, jax.process_index(), jax.process_count())
         self.dumper = RolloutDumper(cfg, self.tokenizer, self.mesh)  # issue 18: what the critic sees
         self.key = jax.random.key(cfg.experiment.seed)  # split once; fold_in(iteration) per step
         self.iteration = 0
         self._stop_requested = False
+        self._entropy_frac0: Optional[float] = None  # the actor's entropy / log(vocab) at this run's first update
 
     # -- setup helpers ------------------------------------------------------------------------
 
@@ -274,18 +243,26 @@ class Trainer:
         return sets
 
     def _maybe_resume(self) -> None:
-        step = self.ckpt.latest_step() if self.cfg.checkpoint.resume else None
-        if step is None:
-            if self.cfg.model.init_from_run is not None:
-                self._init_from_run(self.cfg.model.init_from_run)
-            return
-        self.actor, self.critic, data_state, meta = self.ckpt.restore(step, self.actor, self.critic)
-        self.data_iter.set_state(data_state)
-        self.iteration = int(meta["iteration"])
-        self.engine.update_params(to_serving(self.actor.params))
-        self.metrics.truncate_after(self.iteration)
-        self.pass_rates.truncate_after(self.iteration)
-        log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
+        """Restore the newest checkpoint that restores (an unreadable newer one is set aside, see
+        Checkpointer.restore_newest); then drop the metrics lines past it (all of them: no checkpoint)."""
+        resumed = False
+        if self.cfg.checkpoint.resume:
+            for step, actor, critic, data_state, meta in self.ckpt.restore_newest(self.actor, self.critic):
+                try:
+                    self.data_iter.set_state(data_state)
+                except Exception as e:  # a data state that does not fit this data pipeline
+                    self.ckpt.set_aside(step, f"data iterator state: {type(e).__name__}: {e}")
+                    continue
+                self.actor, self.critic, self.iteration = actor, critic, int(meta["iteration"])
+                resumed = True
+                break
+        if resumed:
+            self.engine.update_params(to_serving(self.actor.params))
+            log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
+        elif self.cfg.model.init_from_run is not None:
+            self._init_from_run(self.cfg.model.init_from_run)
+        self.metrics.start(self.iteration if resumed else -1)
+        self.pass_rates.truncate_after(self.iteration if resumed else -1)
 
     def _init_from_run(self, run_dir: str) -> None:
         """Policy and critic parameters from the latest checkpoint of another run; the optimizers (step
@@ -404,16 +381,72 @@ class Trainer:
         log.warning("signal %d: saving a checkpoint after this iteration, then exiting", signum)
         self._stop_requested = True
 
+    def _health(self, m: dict[str, float]) -> None:
+        """Add the divergence metrics to ``m``; warn when the actor's entropy has climbed to near its maximum."""
+        health, warning = divergence(m, self.arch.vocab_size)
+        if "health/entropy_frac" in health:
+            if self._entropy_frac0 is None:
+                self._entropy_frac0 = health["health/entropy_frac"]
+            if self._entropy_frac0 >= ENTROPY_WARN_FRACTION:  # started near uniform (an untrained base
+                health["health/diverging"], warning = 0.0, None  # model): not a divergence of this run
+        m.update(health)
+        if warning:
+            log.warning("iteration %d: %s", self.iteration, warning)
+
+    def _check_finite(self, m: dict[str, float]) -> None:
+        """Stop on a non-finite update, before anything of it is saved."""
+        bad = nonfinite_quantity(m)
+        if bad is not None:
+            who = bad.split("/")[0].split()[0]
+            what = f"{bad} is {m[bad]}" if bad in m and "nonfinite" not in bad else f"{bad} not finite"
+            last = self.ckpt.latest_step()
+            raise NonFiniteError(f"iteration {self.iteration}: {what} (non-finite {who} update); stopped "
+                                 f"without saving it, " + ("no checkpoint yet" if last is None else
+                                                           f"the last checkpoint is step {last}") +
+                                 f" (lower ppo.{who}.lr?)")
+
     def run(self) -> dict[str, Any]:
+        """Train to ``experiment.num_iterations``; returns the summary. Raises TrainingError (one line) on a
+        non-finite update or a full disk, after saving nothing of the bad state."""
+        try:
+            return self._run()
+        except TrainingError:
+            raise
+        except Exception as e:
+            if disk_full(e):
+                raise TrainingError(
+                    f"disk full at iteration {self.iteration} ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'No space left on device'}); "
+                    f"free space under {self.out_dir} or {self.ckpt.directory} and rerun the same command to "
+                    f"resume from checkpoint step {self._safe_latest()}") from e
+            raise
+
+    def _logged(self, iteration: int) -> Optional[dict]:
+        """The metrics line of ``iteration`` already on disk, to skip redoing its evaluation. One process only:
+        the log lives on process 0, and every process must take the same decision (the eval runs on all)."""
+        return self.metrics.get(iteration) if jax.process_count() == 1 else None
+
+    def _safe_latest(self) -> Optional[int]:
+        try:
+            return self.ckpt.latest_step()
+        except Exception:
+            return None
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._maybe_resume()
         prev = signal.signal(signal.SIGTERM, self._on_sigterm)
         t_start = time.time()
         summary: dict[str, Any] = {"start_iteration": self.iteration}
+        ok = False
         try:
             if self.iteration == 0 and self.eval_sets:
-                ev = self.evaluate(0)
-                self.metrics.write(0, ev)
+                done = self._logged(0)  # resumed at 0 (SIGTERM during this eval): already logged
+                if done is not None and "eval/avg_accuracy" in done:
+                    ev = {k: v for k, v in done.items() if k.startswith("eval/")}
+                else:
+                    ev = self.evaluate(0)
+                    self.metrics.write(0, ev)
                 summary["eval_before"] = ev
             bar = _progress(cfg, self.iteration)
             last_train: dict[str, float] = {}
@@ -426,7 +459,9 @@ class Trainer:
                 self.iteration += 1
                 if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.eval_sets:
                     m.update(self.evaluate(self.iteration))
-                self.metrics.write(self.iteration, m)
+                self._health(m)
+                self.metrics.write(self.iteration, m)  # also a non-finite one: it shows what went wrong
+                self._check_finite(m)
                 last_train = m
                 if self.iteration % cfg.checkpoint.save_every == 0:
                     self._save()
@@ -444,6 +479,8 @@ class Trainer:
                 self._save()
             self.ckpt.wait()
             if not self._stop_requested and self.iteration >= cfg.experiment.num_iterations:
+                if not last_train:  # a rerun of a finished run: its final line is on disk already
+                    last_train = self._logged(self.iteration) or {}
                 if self.eval_sets and "eval/avg_accuracy" not in last_train:
                     ev = self.evaluate(self.iteration)
                     self.metrics.write(self.iteration, ev)
@@ -455,10 +492,16 @@ class Trainer:
                     if jax.process_index() == 0:
                         summary["exported_to"] = export_hf(policy, os.path.join(self.out_dir, "final_hf"),
                                                            tokenizer_src=self.model_path or cfg.model.tokenizer)
+            ok = True
         finally:
             signal.signal(signal.SIGTERM, prev)
-            self.ckpt.close()
-            self.scorer.close()
+            try:
+                self.ckpt.close()  # waits for queued saves: those are of finite states
+            except Exception:
+                if ok:
+                    raise  # a failure here is the error to report; otherwise keep the first one
+            finally:
+                self.scorer.close()
         summary.update(end_iteration=self.iteration, seconds=time.time() - t_start,
                        stopped_by_signal=self._stop_requested)
         if jax.process_index() == 0:
@@ -470,6 +513,18 @@ class Trainer:
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1, default=str)
         return summary
+
+
+def _check_writable(path: str, key: str) -> None:
+    """Create ``path`` and prove a file can be written in it, or raise StartupError naming ``key``."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise StartupError(f"{key}: cannot write to {path}: {e.strerror or e}") from None
 
 
 def _prefixed(prefix: str, metrics: dict) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Iterator, Sequence
 
@@ -24,6 +25,8 @@ import numpy as np
 __all__ = ["PassRateLog", "read_pass_rates"]
 
 FILE = "pass_rates.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 class PassRateLog:
@@ -56,8 +59,14 @@ class PassRateLog:
         """Drop lines past ``iteration`` (written after the checkpoint a run resumes from)."""
         if not os.path.isfile(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if json.loads(line)["iteration"] <= iteration]
+            for line in f:
+                try:
+                    if json.loads(line)["iteration"] <= iteration:
+                        keep.append(line)
+                except (ValueError, KeyError):  # a line cut by a kill or a full disk: drop it, as metrics.jsonl does
+                    log.warning("%s: dropped an incomplete line on restart", self.path)
         with open(self.path, "w") as f:
             f.writelines(keep)
 

@@ -168,6 +168,27 @@ def _flat(state) -> dict[str, nnx.Variable]:
     return out
 
 
+def read_hf_arch(cfg_path: str) -> ArchConfig:
+    """The architecture of an HF ``config.json``; every problem (unreadable file, invalid JSON, a missing
+    key, an unsupported or sliding-window model) is a one-line CheckpointError naming the file."""
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return arch_from_hf_config(hf, source=cfg_path)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # UnsupportedArchitectureError, a missing key, a bad value
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(cfg_path) else f"{cfg_path}: {msg}") from None
+
+
 def load_hf(kind: Literal["policy", "critic"], path: str, model_cfg: ModelConfig,
             mesh: Optional[Mesh] = None) -> tuple[nnx.Module, ArchConfig]:
     """Load an HF directory into a policy (``CausalLM``) or critic (``Critic``: trunk from the checkpoint,
@@ -180,8 +201,7 @@ def load_hf(kind: Literal["policy", "critic"], path: str, model_cfg: ModelConfig
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    with open(cfg_path) as f:
-        arch = arch_from_hf_config(json.load(f), source=cfg_path)
+    arch = read_hf_arch(cfg_path)
     if model_cfg.arch is not None and model_cfg.arch != arch:
         diff = {k: (getattr(model_cfg.arch, k), getattr(arch, k)) for k in arch.__dataclass_fields__
                 if getattr(model_cfg.arch, k) != getattr(arch, k) and k != "initializer_range"}

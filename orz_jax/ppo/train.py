@@ -250,13 +250,29 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        # Non-finite guard: one isfinite reduction per parameter (a read of the parameters, negligible next to
+        # a forward + backward) plus the loss and gradient norm; the trainer checks these flags in the metrics
+        # it fetches anyway. Finiteness of the parameters themselves, not of their norm: a norm of finite
+        # 1e20 entries overflows float32.
+        params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        metrics[f"{what}/update_norm"] = optax.global_norm(updates)
+        metrics[f"{what}/nonfinite_params"] = 1.0 - params_ok.astype(jnp.float32)
+        metrics[f"{what}/nonfinite"] = 1.0 - (params_ok & jnp.isfinite(metrics[_loss_key(metrics, what)])
+                                              & jnp.isfinite(metrics[f"{what}/grad_norm"])).astype(jnp.float32)
         return (params, opt_state, step + 1), metrics
 
     with use_mesh(mesh):
         (params, opt_state, step), metrics = jax.lax.scan(
             opt_step, (state.params, state.opt_state, state.step), minibatches)
+    flags = {k: jnp.max(metrics.pop(k)) for k in (f"{what}/nonfinite", f"{what}/nonfinite_params")}  # any step
     metrics = finalize_metrics(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+    metrics.update(flags)
     return state.replace(params=params, opt_state=opt_state, step=step), metrics
+
+
+def _loss_key(metrics: dict, what: str) -> str:
+    """The loss among the metrics: ``actor/loss`` or ``critic/value_loss``."""
+    return next(k for k in (f"{what}/loss", f"{what}/value_loss") if k in metrics)
 
 
 # ----------------------------------------------------------------------------------------------
