@@ -31,6 +31,7 @@ from conftest import REPO
 from orz_jax import trainer as trainer_mod
 from orz_jax.checkpoint import Checkpointer
 from orz_jax.config import ArchConfig, CheckpointConfig, ModelConfig, OptimConfig, load_config
+from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.launch import DEMO_CONFIG
 from orz_jax.models.build import create_model
 from orz_jax.ppo.train import create_train_state
@@ -91,6 +92,7 @@ def make_trainer(out_dir, states, overrides=(), kill_at=None, nan_at=None, sigte
     t.actor, t.critic = states
     t.ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), cfg.checkpoint)
     t.metrics = trainer_mod.MetricsLog(str(out_dir), False)
+    t.pass_rates = PassRateLog(str(out_dir), {})
     t.data_iter, t.engine, t.scorer = _Data(), _Stub(), _Stub()
     t.eval_sets = {"synthetic": [None]}
     t.key = jax.random.key(0)
