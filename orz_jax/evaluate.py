@@ -1,8 +1,8 @@
 """Offline evaluation: avg@n and pass@n accuracy of a checkpoint on ORZ eval files.
 
     python -m orz_jax.evaluate --checkpoint runs/demo --data synthetic --n 16
-    python -m orz_jax.evaluate --checkpoint /models/Open-Reasoner-Zero-7B --config configs/orz_7b.yaml \\
-        --data /work/shared/data/orz/eval_aime2024.json /work/shared/data/orz/eval_math500.json --n 16
+    python -m orz_jax.evaluate --checkpoint PATH/TO/Open-Reasoner-Zero-7B --config configs/orz_7b.yaml \\
+        --data ../shared/data/orz/eval_aime2024.json ../shared/data/orz/eval_math500.json --n 16
 
 ``--checkpoint`` is either
 

@@ -3,7 +3,7 @@
     python -m orz_jax.reward score IN.jsonl [OUT.jsonl] [--set timeout_s=2 --set num_workers=4]
         IN lines: {"response": str, "answer": str, "stop_reason": "stop"|"length" (default "stop"), ...}
         OUT lines: the same object plus reward, extracted, rule, timed_out, parse_failed (stdout if no OUT)
-    python -m orz_jax.reward bench [--data eval_math500.json ...] [--skip-plain]
+    python -m orz_jax.reward bench --data ../shared/data/orz/eval_math500.json [MORE.json ...] [--skip-plain]
         responses/s of a plain single-process math-verify loop vs RewardScorer on a mix where every
         reference is answered once correctly and once with another record's answer
 """
@@ -23,8 +23,6 @@ import yaml
 from orz_jax.config import ConfigError, RewardConfig, _build, validate_reward
 from orz_jax.reward.extract import extract_answer, strip_reference
 from orz_jax.reward.scorer import STOP_REASONS, RewardScorer, summarize
-
-DEFAULT_BENCH_DATA = "/work/shared/data/orz/eval_math500.json"
 
 
 class InputError(ValueError):
@@ -198,8 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp.add_argument("input")
     sp.add_argument("output", nargs="?", help="output JSONL (default: stdout)")
     bp = sub.add_parser("bench", help="throughput: plain math-verify loop vs RewardScorer")
-    bp.add_argument("--data", nargs="+", default=[DEFAULT_BENCH_DATA],
-                    help="ORZ eval (final_answer) or training (ground_truth) JSON files")
+    bp.add_argument("--data", nargs="+", required=True,
+                    help="ORZ eval (final_answer) or training (ground_truth) JSON files, e.g. eval_math500.json")
     bp.add_argument("--skip-plain", action="store_true", help="time only RewardScorer")
     bp.add_argument("--seed", type=int, default=0)
     for p in (sp, bp):
