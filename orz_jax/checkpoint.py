@@ -60,13 +60,13 @@ class Checkpointer:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, actor, critic, data_state: dict, meta: dict) -> None:
-        """Queue a save of the whole training state at ``step`` (asynchronous when configured)."""
-        self._mgr.save(step, args=ocp.args.Composite(
-            actor=ocp.args.StandardSave(_arrays(actor)),
-            critic=ocp.args.StandardSave(_arrays(critic)),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta),
-        ), force=True)
+        """Queue a save of the whole training state at ``step`` (asynchronous when configured).
+        ``critic`` is None when the run has none (GRPO)."""
+        items = dict(actor=ocp.args.StandardSave(_arrays(actor)), data=ocp.args.JsonSave(data_state),
+                     meta=ocp.args.JsonSave(meta))
+        if critic is not None:
+            items["critic"] = ocp.args.StandardSave(_arrays(critic))
+        self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, actor, critic) -> tuple[Any, Any, dict, dict]:
         """Restore ``step`` into the structure, shapes and shardings of the given train states."""
@@ -74,15 +74,16 @@ class Checkpointer:
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                                 if isinstance(x, jax.Array) else x, _arrays(state))
 
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            actor=ocp.args.StandardRestore(target(actor)),
-            critic=ocp.args.StandardRestore(target(critic)),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ))
-        a, c = out["actor"], out["critic"]
+        items = dict(actor=ocp.args.StandardRestore(target(actor)), data=ocp.args.JsonRestore(),
+                     meta=ocp.args.JsonRestore())
+        if critic is not None:  # None: a run without a critic (GRPO)
+            items["critic"] = ocp.args.StandardRestore(target(critic))
+        out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+        a = out["actor"]
         actor = actor.replace(params=a["params"], opt_state=a["opt_state"], step=a["step"], rest=a["rest"])
-        critic = critic.replace(params=c["params"], opt_state=c["opt_state"], step=c["step"], rest=c["rest"])
+        if critic is not None:
+            c = out["critic"]
+            critic = critic.replace(params=c["params"], opt_state=c["opt_state"], step=c["step"], rest=c["rest"])
         return actor, critic, dict(out["data"]), dict(out["meta"])
 
     def restore_params(self, step: int, actor, critic) -> tuple[Any, Any, dict]:

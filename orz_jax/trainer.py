@@ -201,18 +201,21 @@ class Trainer:
         self.data_iter = build_train_pipeline(cfg, self.tokenizer)
         self.eval_sets = self._load_eval_sets()
 
+        # GRPO's advantages need no value function: no critic is built (half the parameters and optimizer state).
+        use_critic = cfg.ppo.advantage_estimator == "gae"
         if model_path is not None:
             policy, self.arch = load_hf("policy", model_path, cfg.model, self.mesh)
-            critic, _ = load_hf("critic", model_path, cfg.model, self.mesh)
+            critic = load_hf("critic", model_path, cfg.model, self.mesh)[0] if use_critic else None
         else:
             self.arch = cfg.model.arch
             policy = create_model("policy", self.arch, cfg.model, self.mesh, seed=cfg.experiment.seed)
-            critic = create_model("critic", self.arch, cfg.model, self.mesh, seed=cfg.experiment.seed + 1)
+            critic = (create_model("critic", self.arch, cfg.model, self.mesh, seed=cfg.experiment.seed + 1)
+                      if use_critic else None)
         if self.tokenizer.vocab_size > self.arch.vocab_size:
             raise StartupError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                                f"{self.arch.vocab_size}")
         self.actor = create_train_state(policy, cfg.ppo.actor, self.mesh)
-        self.critic = create_train_state(critic, cfg.ppo.critic, self.mesh)
+        self.critic = create_train_state(critic, cfg.ppo.critic, self.mesh) if critic is not None else None
         self.fns = PPOFunctions.build(cfg.ppo, self.mesh, self.actor, self.critic)
         self.row_multiple = required_row_multiple(cfg.ppo, self.mesh)
         # Several processes: each serves its own prompts from its own devices (see orz_jax.multihost).
@@ -346,7 +349,7 @@ class Trainer:
         dump = self.dumper.dispatch(self.iteration + 1, packed, layout, ro, rewards)
         t_dump = time.perf_counter() - t_dump
         with timer.phase("critic_update"):
-            if cfg.ppo.critic_steps_per_batch > 0:
+            if self.critic is not None and cfg.ppo.critic_steps_per_batch > 0:
                 self.critic, critic_m = self.fns.critic_step(self.critic, packed)
                 jax.block_until_ready(self.critic.step)
             else:
@@ -369,7 +372,7 @@ class Trainer:
         m.update({f"time/{k}": v for k, v in timer.times.items()})
         m["time/iteration"] = sum(timer.times.values())
         m["throughput/rollout_tokens_per_s"] = n_tok / max(timer.times["rollout"], 1e-9)
-        m["throughput/train_tokens_per_s"] = train_tok * (cfg.ppo.critic_steps_per_batch > 0) / max(
+        m["throughput/train_tokens_per_s"] = train_tok * bool(critic_m) / max(
             timer.times["critic_update"], 1e-9)
         m["throughput/actor_tokens_per_s"] = train_tok / max(timer.times["actor_update"], 1e-9)
         m["pack/fill"] = layout.fill

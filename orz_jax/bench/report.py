@@ -573,8 +573,9 @@ def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
     out = dict(wall_s=wall, ops_s=sum(per_op.values()), categories=dict(cats.most_common()),
                top_ops=[dict(name=n, seconds=s, shape=shapes[n]) for n, s in per_op.most_common(15)],
                model_flops=flops, attention_flops=attn_flops, matmul_peak_flops=peak,
-               matmul_time_at_peak_s=flops / peak, tokens=int(seg.sum()), backend=jax.default_backend(),
-               trace=trace)
+               matmul_time_at_peak_s=flops / peak, tokens=int(seg.sum()), backend=jax.default_backend())
+    # The trace's path is printed, not written into profile.json: reports get committed, temp paths do not belong.
+    print(f"JAX trace (TensorBoard / Perfetto): {trace}")
     print(f"JAX actor update, {args.rows} x {args.pack_len}: {wall:.3f} s/update, device ops {out['ops_s']:.3f} s; "
           f"model FLOPs at the measured peak ({peak / 1e12:.3f} TFLOP/s) would take {flops / peak:.3f} s "
           f"(causal attention {attn_flops / flops:.1%} of the FLOPs)")

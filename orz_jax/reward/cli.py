@@ -4,7 +4,7 @@
         IN lines: {"response": str, "answer": str, "stop_reason": "stop"|"length" (default "stop"), ...}
         a bad line stops the run with its line number; --skip-bad leaves such lines out and counts them
         OUT lines: the same object plus reward, extracted, rule, timed_out, parse_failed (stdout if no OUT)
-    python -m orz_jax.reward bench [--data eval_math500.json ...] [--skip-plain]
+    python -m orz_jax.reward bench --data ../shared/data/orz/eval_math500.json [MORE.json ...] [--skip-plain]
         responses/s of a plain single-process math-verify loop vs RewardScorer on a mix where every
         reference is answered once correctly and once with another record's answer
 """
@@ -25,8 +25,6 @@ import yaml
 from orz_jax.config import ConfigError, RewardConfig, _build, validate_reward
 from orz_jax.reward.extract import extract_answer, strip_reference
 from orz_jax.reward.scorer import STOP_REASONS, RewardScorer, summarize
-
-DEFAULT_BENCH_DATA = "/work/shared/data/orz/eval_math500.json"
 
 
 class InputError(ValueError):
@@ -249,8 +247,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp.add_argument("--skip-bad", action="store_true",
                     help="leave out bad input lines (counted, the first one reported) instead of stopping")
     bp = sub.add_parser("bench", help="throughput: plain math-verify loop vs RewardScorer")
-    bp.add_argument("--data", nargs="+", default=[DEFAULT_BENCH_DATA],
-                    help="ORZ eval (final_answer) or training (ground_truth) JSON files")
+    bp.add_argument("--data", nargs="+", required=True,
+                    help="ORZ eval (final_answer) or training (ground_truth) JSON files, e.g. eval_math500.json")
     bp.add_argument("--skip-plain", action="store_true", help="time only RewardScorer")
     bp.add_argument("--seed", type=int, default=0)
     for p in (sp, bp):
