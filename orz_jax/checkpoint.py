@@ -98,9 +98,11 @@ class Checkpointer:
             return ocp.args.PyTreeRestore(item=t, restore_args=ocp.checkpoint_utils.construct_restore_args(t),
                                           partial_restore=True)
 
-        out = self._mgr.restore(step, args=ocp.args.Composite(actor=args(actor), critic=args(critic),
-                                                               meta=ocp.args.JsonRestore()))
-        return out["actor"]["params"], out["critic"]["params"], dict(out["meta"])
+        items = {"actor": args(actor), "meta": ocp.args.JsonRestore()}
+        if critic is not None:  # None: a run without a critic (GRPO) takes the policy only
+            items["critic"] = args(critic)
+        out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+        return out["actor"]["params"], out["critic"]["params"] if critic is not None else None, dict(out["meta"])
 
     def restore_newest(self, actor, critic) -> Iterator[tuple[int, Any, Any, dict, dict]]:
         """Yield restored states ``(step, actor, critic, data_state, meta)`` newest first. A step that does not

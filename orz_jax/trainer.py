@@ -284,7 +284,8 @@ class Trainer:
         finally:
             src.close()
         self.actor = self.actor.replace(params=actor_params)
-        self.critic = self.critic.replace(params=critic_params)
+        if self.critic is not None:
+            self.critic = self.critic.replace(params=critic_params)
         self.engine.update_params(to_serving(self.actor.params))
         log.info("initialised policy and critic from %s (iteration %s); fresh optimizer", ck_dir,
                  meta.get("iteration"))
