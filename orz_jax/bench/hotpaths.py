@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--micro-rows", type=int, default=1)
     p.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--logprob-chunk", type=int, default=getattr(PPOConfig, "logprob_chunk", 0))
     p.add_argument("--programs", default="forward,logprobs,actor_step")
     args = p.parse_args(argv)
     arch = ARCH_PRESETS[args.arch]
@@ -58,6 +59,8 @@ def main(argv=None) -> None:
         arch = dataclasses.replace(arch, num_layers=args.layers)
     mcfg = ModelConfig(arch=arch, remat=args.remat, dtype=args.dtype)
     ppo = PPOConfig(micro_batch_rows=args.micro_rows, pack_len=args.pack_len)
+    if hasattr(ppo, "logprob_chunk"):  # so that the same script measures trees without chunked log-probs
+        ppo = dataclasses.replace(ppo, logprob_chunk=args.logprob_chunk)
     policy = abstract_model("policy", arch, mcfg)
     state = jax.eval_shape(lambda: create_train_state(policy, ppo.actor))
     fns = PPOFunctions.build(ppo)

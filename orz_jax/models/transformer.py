@@ -330,12 +330,27 @@ class CausalLM(nnx.Module):
     def arch(self) -> ArchConfig:
         return self.transformer.arch
 
+    def head_weight(self) -> jax.Array:
+        """The LM head, [embed, vocab] in the parameter dtype."""
+        return self.transformer.embed.value.T if self.tied else self.lm_head.value
+
     def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
         """-> (logits [batch, seq, vocab] float32, cache)."""
         h, cache = self.transformer(tokens, positions, segment_ids, cache)
-        w = self.transformer.embed.value.T if self.tied else self.lm_head.value  # [embed, vocab]
-        logits = jnp.einsum("bse,ev->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bse,ev->bsv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab")), cache
+
+    def token_logprobs(self, tokens, positions, segment_ids, *, chunk: int, with_entropy: bool = False):
+        """Token-aligned log-probs (and entropies) of ``tokens`` without materialising the logits.
+
+        tokens, positions, segment_ids: [batch, seq] int32 -> (logprobs [batch, seq] float32,
+        entropy [batch, seq] float32 or None), as ``orz_jax.ppo.losses.token_logprobs(self(...)[0], tokens)``
+        but with the LM head applied ``chunk`` positions at a time (see ``chunked_token_logprobs``)."""
+        from orz_jax.ppo.losses import chunked_token_logprobs  # lazy: importing orz_jax.ppo loads the trainer stack
+
+        h, _ = self.transformer(tokens, positions, segment_ids)
+        return chunked_token_logprobs(h, self.head_weight(), tokens, chunk=chunk, with_entropy=with_entropy,
+                                      constrain_logits=lambda x: constrain(x, ("batch", "seq", "act_vocab")))
 
 
 class Critic(nnx.Module):
