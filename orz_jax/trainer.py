@@ -30,6 +30,7 @@ from orz_jax.data.records import DataError
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
 from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
+from orz_jax.ppo.gap import GapMonitor, sampler_gap
 from orz_jax.ppo.packing import pack_samples
 from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple
 from orz_jax.reward.scorer import RewardScorer, summarize
@@ -238,6 +239,7 @@ class Trainer:
         self.key = jax.random.key(cfg.experiment.seed)  # split once; fold_in(iteration) per step
         self.iteration = 0
         self._stop_requested = False
+        self.gap_monitor = GapMonitor()  # warns when the sampler-vs-trainer log-prob gap jumps
 
     # -- setup helpers ------------------------------------------------------------------------
 
@@ -317,6 +319,8 @@ class Trainer:
             packed = self.fns.prepare_batch(self.actor, self.critic, packed, layout.response_index,
                                             ro.response_mask, rewards, ro.prompt_index)
             jax.block_until_ready(packed.advantages)
+            gap = jax.device_get(sampler_gap(packed.old_logprobs, layout.response_index, ro.logprobs,
+                                             ro.response_mask))
         with timer.phase("critic_update"):
             if cfg.ppo.critic_steps_per_batch > 0:
                 self.critic, critic_m = self.fns.critic_step(self.critic, packed)
@@ -332,6 +336,8 @@ class Trainer:
         n_tok = float(ro.response_lens.sum())
         m = rollout_metrics(ro, rewards, cfg.rollout.n_samples_per_prompt)
         m.update(_prefixed("reward/", reward_diag))
+        m.update({k: float(v) for k, v in gap.items()})
+        self.gap_monitor.update(m["rollout/logprob_gap_mean"], self.iteration)
         m.update(_prefixed("actor/", jax.device_get(actor_m)))
         m.update(_prefixed("critic/", jax.device_get(critic_m)))
         m.update({f"time/{k}": v for k, v in timer.times.items()})
