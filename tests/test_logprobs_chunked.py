@@ -100,7 +100,7 @@ def test_chunked_logprob_gradients_match_full_logits(packed, tied):
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
     full = jax.tree.leaves(grad(params, 0))
-    for chunk in (7, 16):
+    for chunk in (7,):  # 6 chunks, the last one padded
         got = jax.tree.leaves(grad(params, chunk))
         assert len(got) == len(full)
         for g, d in zip(got, full):  # float32 summation order differs: compare at each tensor's scale

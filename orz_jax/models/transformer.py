@@ -349,7 +349,8 @@ class CausalLM(nnx.Module):
         from orz_jax.ppo.losses import chunked_token_logprobs  # lazy: importing orz_jax.ppo loads the trainer stack
 
         h, _ = self.transformer(tokens, positions, segment_ids)
-        return chunked_token_logprobs(h, self.head_weight(), tokens, chunk=chunk, with_entropy=with_entropy,
+        head = self.transformer.embed.value if self.tied else self.lm_head.value  # as stored: no transposed copy
+        return chunked_token_logprobs(h, head, tokens, chunk=chunk, with_entropy=with_entropy, vocab_major=self.tied,
                                       constrain_logits=lambda x: constrain(x, ("batch", "seq", "act_vocab")))
 
 

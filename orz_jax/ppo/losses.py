@@ -56,8 +56,8 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, with_entropy: bool = Fa
 
 
 def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, *, chunk: int,
-                           with_entropy: bool = False, constrain_logits: Optional[Callable] = None
-                           ) -> tuple[jax.Array, Optional[jax.Array]]:
+                           with_entropy: bool = False, constrain_logits: Optional[Callable] = None,
+                           vocab_major: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
     """:func:`token_logprobs` of the logits ``hidden @ head`` without ever holding ``[b, s, vocab]``.
 
     A ``lax.scan`` over sequence chunks of ``chunk`` positions applies the LM head inside the chunk,
@@ -67,7 +67,9 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array
 
     Args:
       hidden: [b, s, embed] final hidden states (any float dtype; position i predicts token i+1).
-      head: [embed, vocab] LM head (cast to ``hidden.dtype``; float32 accumulation, as ``CausalLM``).
+      head: [embed, vocab] LM head, or [vocab, embed] with ``vocab_major`` (a tied embedding as stored:
+        a transposed copy would be materialised once per call, as large as the logits of a 1k-token row).
+        Cast to ``hidden.dtype``; float32 accumulation, as ``CausalLM``.
       tokens: [b, s] int32.
       chunk: positions per chunk (the last one is padded); >= s computes one chunk.
       with_entropy: also return the token-aligned entropies.
@@ -89,7 +91,8 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h, nx):
-        logits = jnp.einsum("bce,ev->bcv", h, w, preferred_element_type=jnp.float32)  # [b, c, vocab]
+        logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w,
+                            preferred_element_type=jnp.float32)  # [b, c, vocab]
         if constrain_logits is not None:
             logits = constrain_logits(logits)
         lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c]
