@@ -156,6 +156,11 @@ class PPOConfig:
     critic_steps_per_batch: int = 12  # ORZ: 12
     micro_batch_rows: int = 8  # packed rows per micro-batch (gradient accumulation)
     pack_len: int = 512  # tokens per packed row
+    # Token log-probs (actor loss, old log-probs) apply the LM head this many positions at a time, so no
+    # [rows, pack_len, vocab] logits tensor exists (forward or backward); >= pack_len: one chunk.
+    logprob_chunk: int = 1024
+    # Report actor/entropy (costs one extra pass over each logits chunk). Computed anyway when entropy_coef > 0.
+    entropy_metric: bool = True
 
 
 @dataclass
@@ -529,6 +534,7 @@ def validate(cfg: Config) -> None:
     _check(p.actor_steps_per_batch >= 1, "ppo.actor_steps_per_batch", "must be >= 1")
     _check(p.critic_steps_per_batch >= 0, "ppo.critic_steps_per_batch", "must be >= 0")
     _check(p.micro_batch_rows >= 1, "ppo.micro_batch_rows", "must be >= 1")
+    _check(p.logprob_chunk >= 1, "ppo.logprob_chunk", "must be >= 1 (positions per LM-head chunk)")
     _check(p.pack_len >= r.max_prompt_len + r.max_response_len, "ppo.pack_len",
            f"must hold one whole sample: >= rollout.max_prompt_len + rollout.max_response_len "
            f"= {r.max_prompt_len + r.max_response_len}, got {p.pack_len}")

@@ -41,7 +41,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
-    "layers": None,
+    "layers": None,  # the stacked decoder blocks' leading axis: every device holds every layer's shard
     "value": None,
     # activation-only names for tensors whose embed dim is not sharded
     "act_embed": None,

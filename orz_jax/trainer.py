@@ -34,6 +34,7 @@ from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
 from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
 from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
+from orz_jax.ppo.gap import GapMonitor, sampler_gap
 from orz_jax.ppo.packing import pack_samples
 from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple
 from orz_jax.reward.scorer import RewardScorer, summarize
@@ -231,6 +232,7 @@ class Trainer:
         self.iteration = 0
         self._stop_requested = False
         self._entropy_frac0: Optional[float] = None  # the actor's entropy / log(vocab) at this run's first update
+        self.gap_monitor = GapMonitor()  # warns when the sampler-vs-trainer log-prob gap jumps
 
     # -- setup helpers ------------------------------------------------------------------------
 
@@ -345,6 +347,8 @@ class Trainer:
             packed = self.fns.prepare_batch(self.actor, self.critic, packed, layout.response_index,
                                             ro.response_mask, rewards, ro.prompt_index)
             jax.block_until_ready(packed.advantages)
+            gap = jax.device_get(sampler_gap(packed.old_logprobs, layout.response_index, ro.logprobs,
+                                             ro.response_mask))
         # dispatched ahead of the updates, fetched after them: the exact arrays the update uses, no stall
         t_dump = time.perf_counter()
         dump = self.dumper.dispatch(self.iteration + 1, packed, layout, ro, rewards)
@@ -368,6 +372,8 @@ class Trainer:
         n_tok = float(ro.response_lens.sum())
         m = rollout_metrics(ro, rewards, cfg.rollout.n_samples_per_prompt)
         m.update(_prefixed("reward/", reward_diag))
+        m.update({k: float(v) for k, v in gap.items()})
+        self.gap_monitor.update(m["rollout/logprob_gap_mean"], self.iteration)
         m.update(_prefixed("actor/", jax.device_get(actor_m)))
         m.update(_prefixed("critic/", jax.device_get(critic_m)))
         m.update({f"time/{k}": v for k, v in timer.times.items()})

@@ -110,9 +110,9 @@ def test_parity_test_can_fail(tmp_path, mutation):
         json.dump(cfg, f)
     model, _ = load_hf("policy", path, ModelConfig())
     if mutation == "drop_bias":
-        for layer in model.transformer.layers:
-            for b in (layer.attn.q_bias, layer.attn.k_bias, layer.attn.v_bias):
-                b.value = jnp.zeros_like(b.value)
+        blk = model.transformer.layers.attn  # stacked over layers: zero every layer's bias
+        for b in (blk.q_bias, blk.k_bias, blk.v_bias):
+            b.value = jnp.zeros_like(b.value)
     e_ours, e_hf = parity_errors(_ours(model, ids, attn), ref, ref64, attn)
     assert e_ours > 10 * PARITY_K * e_hf, (e_ours, e_hf)
 
@@ -246,15 +246,15 @@ def test_export_then_transformers_reload(tmp_path, name):
     _, path = _make_hf(tmp_path, name)
     model, _ = load_hf("policy", path, ModelConfig())
     # change the weights so the export cannot pass by copying the input files
-    model.transformer.layers[0].mlp.up.value = model.transformer.layers[0].mlp.up.value * 1.5
+    model.transformer.layers.mlp.up.value = model.transformer.layers.mlp.up.value.at[0].multiply(1.5)
     out = export_hf(model, str(tmp_path / "export"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids, attn = _batch(reloaded.config.vocab_size, seed=4)
     assert_float32_parity(_ours(model, ids, attn), _ref(reloaded, ids, attn), float64_logits(reloaded, ids, attn), attn)
     # and our loader reads our own export back bit-exactly
     again, _ = load_hf("policy", out, ModelConfig())
-    np.testing.assert_array_equal(np.asarray(again.transformer.layers[0].mlp.up.value),
-                                  np.asarray(model.transformer.layers[0].mlp.up.value))
+    np.testing.assert_array_equal(np.asarray(again.transformer.layers.mlp.up.value),
+                                  np.asarray(model.transformer.layers.mlp.up.value))
 
 
 def test_critic_loads_trunk_from_base_and_small_head(tmp_path):

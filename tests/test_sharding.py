@@ -64,11 +64,11 @@ ref, _ = ref_model(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
 for shape in [dict(data=1, fsdp=8, tensor=1), dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]:
     mesh = make_mesh(MeshConfig(**shape))
     model = create_model("policy", arch, mcfg, mesh=mesh, seed=3)
-    blk = model.transformer.layers[0]
+    blk = model.transformer.layers  # every block, stacked over a leading "layers" axis (not sharded)
     # parameters really are sharded as the rules table says
-    assert blk.mlp.gate.value.sharding.spec == P("fsdp", "tensor"), blk.mlp.gate.value.sharding
-    assert blk.attn.q.value.sharding.spec == P("fsdp", "tensor", None)
-    assert blk.attn.o.value.sharding.spec == P("tensor", None, "fsdp")
+    assert blk.mlp.gate.value.sharding.spec == P(None, "fsdp", "tensor"), blk.mlp.gate.value.sharding
+    assert blk.attn.q.value.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert blk.attn.o.value.sharding.spec == P(None, "tensor", None, "fsdp")
     assert model.lm_head.value.sharding.spec == P("fsdp", "tensor")
     n_shards = len({str(s.index) for s in blk.mlp.gate.value.addressable_shards})
     assert n_shards == mesh.shape["fsdp"] * mesh.shape["tensor"], n_shards

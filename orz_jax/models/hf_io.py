@@ -127,34 +127,48 @@ def _linear_in(shape_out_split):  # HF [out, in] -> ours [in, *out_split]
     return lambda w: w.T.reshape((w.shape[1],) + shape_out_split)
 
 
-def tensor_maps(arch: ArchConfig, kind: Literal["policy", "critic"]) -> dict[str, TensorMap]:
-    """Our parameter path ('transformer/layers/0/attn/q') -> how to read/write it in HF format."""
+def tensor_maps(arch: ArchConfig, kind: Literal["policy", "critic"]) -> dict[str, tuple[TensorMap, ...]]:
+    """Our parameter path -> how to read/write it in HF format: one TensorMap per HF tensor.
+
+    The decoder blocks' parameters are stacked over layers ('transformer/layers/attn/q' is
+    ``[layers, embed, heads, head_dim]``), so their entries hold one map per layer, in layer order
+    (HF 'model.layers.{i}....'); every other entry holds one map."""
     e, h, kvh, d, m, v = (arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim,
                           arch.intermediate_size, arch.vocab_size)
     ident = lambda w: w  # noqa: E731
     T = lambda w: w.T  # noqa: E731
-    maps = {"transformer/embed": TensorMap("model.embed_tokens.weight", ident, ident, (v, e)),
-            "transformer/final_norm/scale": TensorMap("model.norm.weight", ident, ident, (e,))}
-    for i in range(arch.num_layers):
-        p, hp = f"transformer/layers/{i}", f"model.layers.{i}"
-        maps[f"{p}/attn_norm/scale"] = TensorMap(f"{hp}.input_layernorm.weight", ident, ident, (e,))
-        maps[f"{p}/mlp_norm/scale"] = TensorMap(f"{hp}.post_attention_layernorm.weight", ident, ident, (e,))
+    maps = {"transformer/embed": (TensorMap("model.embed_tokens.weight", ident, ident, (v, e)),),
+            "transformer/final_norm/scale": (TensorMap("model.norm.weight", ident, ident, (e,)),)}
+
+    def layer_map(i: int) -> dict[str, TensorMap]:
+        hp = f"model.layers.{i}"
+        out = {"attn_norm/scale": TensorMap(f"{hp}.input_layernorm.weight", ident, ident, (e,)),
+               "mlp_norm/scale": TensorMap(f"{hp}.post_attention_layernorm.weight", ident, ident, (e,))}
         for ours, theirs, heads in (("q", "q_proj", h), ("k", "k_proj", kvh), ("v", "v_proj", kvh)):
-            maps[f"{p}/attn/{ours}"] = TensorMap(
+            out[f"attn/{ours}"] = TensorMap(
                 f"{hp}.self_attn.{theirs}.weight", _linear_in((heads, d)),
                 lambda w: w.reshape(w.shape[0], -1).T, (heads * d, e))
             if arch.attention_bias:
-                maps[f"{p}/attn/{ours}_bias"] = TensorMap(
+                out[f"attn/{ours}_bias"] = TensorMap(
                     f"{hp}.self_attn.{theirs}.bias", lambda b, n=heads: b.reshape(n, d),
                     lambda b: b.reshape(-1), (heads * d,))
-        maps[f"{p}/attn/o"] = TensorMap(f"{hp}.self_attn.o_proj.weight", lambda w: w.T.reshape(h, d, e),
-                                        lambda w: w.reshape(h * d, e).T, (e, h * d))
-        maps[f"{p}/mlp/gate"] = TensorMap(f"{hp}.mlp.gate_proj.weight", T, T, (m, e))
-        maps[f"{p}/mlp/up"] = TensorMap(f"{hp}.mlp.up_proj.weight", T, T, (m, e))
-        maps[f"{p}/mlp/down"] = TensorMap(f"{hp}.mlp.down_proj.weight", T, T, (e, m))
+        out["attn/o"] = TensorMap(f"{hp}.self_attn.o_proj.weight", lambda w: w.T.reshape(h, d, e),
+                                  lambda w: w.reshape(h * d, e).T, (e, h * d))
+        out["mlp/gate"] = TensorMap(f"{hp}.mlp.gate_proj.weight", T, T, (m, e))
+        out["mlp/up"] = TensorMap(f"{hp}.mlp.up_proj.weight", T, T, (m, e))
+        out["mlp/down"] = TensorMap(f"{hp}.mlp.down_proj.weight", T, T, (e, m))
+        return out
+
+    per_layer = [layer_map(i) for i in range(arch.num_layers)]
+    for sub in per_layer[0]:
+        maps[f"transformer/layers/{sub}"] = tuple(lm[sub] for lm in per_layer)
     if kind == "policy" and not arch.tie_word_embeddings:
-        maps["lm_head"] = TensorMap("lm_head.weight", T, T, (v, e))
+        maps["lm_head"] = (TensorMap("lm_head.weight", T, T, (v, e)),)
     return maps
+
+
+def _stacked(name: str) -> bool:
+    return name.startswith("transformer/layers/")
 
 
 # HF tensors that carry no parameters of ours (buffers some exporters keep).
@@ -211,7 +225,7 @@ def load_hf(kind: Literal["policy", "critic"], path: str, model_cfg: ModelConfig
     tensors = open_checkpoint_tensors(path)
     maps = tensor_maps(arch, kind)
 
-    expected = {tm.hf_name for tm in maps.values()}
+    expected = {tm.hf_name for ms in maps.values() for tm in ms}
     missing = sorted(expected - set(tensors))
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" +
@@ -225,7 +239,7 @@ def load_hf(kind: Literal["policy", "critic"], path: str, model_cfg: ModelConfig
         raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} not used by a "
                               f"{arch.architecture} model with this config.json" +
                               (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for tm in maps.values():
+    for tm in (tm for ms in maps.values() for tm in ms):
         got = tuple(tensors[tm.hf_name].shape)
         if got != tm.hf_shape:
             raise CheckpointError(f"{path}: tensor {tm.hf_name!r} has shape {got}, but config.json implies "
@@ -243,12 +257,21 @@ def load_hf(kind: Literal["policy", "critic"], path: str, model_cfg: ModelConfig
     for name, var in flat_abs.items():
         shape, dtype = var.value.shape, var.value.dtype
         if name in maps:
-            src = maps[name].to_ours(tensors[maps[name].hf_name])  # lazy view in our layout
-            if src.shape != shape:
-                raise CheckpointError(f"{path}: tensor {maps[name].hf_name!r} maps to shape {src.shape}, "
-                                      f"expected {shape}")
-            values[name] = jax.make_array_from_callback(
-                shape, shardings[name], lambda idx, src=src, dt=dtype: np.asarray(src[idx]).astype(dt))
+            stacked = _stacked(name)
+            srcs = [tm.to_ours(tensors[tm.hf_name]) for tm in maps[name]]  # lazy views in our layout
+            want = shape[1:] if stacked else shape
+            for tm, src in zip(maps[name], srcs):
+                if src.shape != want:
+                    raise CheckpointError(f"{path}: tensor {tm.hf_name!r} maps to shape {src.shape}, "
+                                          f"expected {want}")
+            if stacked:  # [layers, ...]: each shard reads its layers' slices and stacks them
+                def read(idx, srcs=srcs, dt=dtype):
+                    return np.stack([np.asarray(srcs[i][idx[1:]]).astype(dt)
+                                     for i in range(len(srcs))[idx[0]]])
+            else:
+                def read(idx, src=srcs[0], dt=dtype):
+                    return np.asarray(src[idx]).astype(dt)
+            values[name] = jax.make_array_from_callback(shape, shardings[name], read)
         else:  # parameters the checkpoint does not have (the critic's value head): fresh init
             if fresh is None:
                 fresh = _flat(jax.jit(lambda: nnx.split(constructor(kind, arch, model_cfg)(nnx.Rngs(0)))[1],
@@ -271,7 +294,7 @@ def export_hf(policy: nnx.Module, out_dir: str, tokenizer_src: Optional[str] = N
               dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> str:
     """Write ``policy`` (a ``CausalLM``) as an HF directory that ``transformers`` loads.
 
-    Tensors are gathered to the host one at a time. Single-process only: on several hosts, call it on
+    Tensors are gathered to the host one parameter at a time (a stacked decoder parameter holds every layer). Single-process only: on several hosts, call it on
     process 0 after ``multihost_utils.process_allgather``.
     """
     arch = policy.arch
@@ -279,13 +302,15 @@ def export_hf(policy: nnx.Module, out_dir: str, tokenizer_src: Optional[str] = N
     os.makedirs(out_dir, exist_ok=True)
     flat = _flat(nnx.state(policy, nnx.Param))
     shards, current, size = [], {}, 0
-    for name, tm in tensor_maps(arch, "policy").items():
-        arr = tm.to_hf(np.asarray(jax.device_get(flat[name].value)).astype(np_dtype))
-        if current and size + arr.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[tm.hf_name] = np.ascontiguousarray(arr)
-        size += arr.nbytes
+    for name, ms in tensor_maps(arch, "policy").items():
+        ours = np.asarray(jax.device_get(flat[name].value)).astype(np_dtype)
+        for i, tm in enumerate(ms):
+            arr = tm.to_hf(ours[i] if _stacked(name) else ours)
+            if current and size + arr.nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[tm.hf_name] = np.ascontiguousarray(arr)
+            size += arr.nbytes
     shards.append(current)
     if len(shards) == 1:
         write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0], {"format": "pt"})

@@ -30,15 +30,23 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked (padding) rows stay NaN-free
 
 
-def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
-    """Normal(0, std) parameter annotated with logical axes (sharded later, by the caller's mesh)."""
+def _stacked(shape, axes, stack: int):
+    """Prepend the ``layers`` axis when ``stack`` > 0 (the decoder blocks' parameters are stacked)."""
+    return ((stack,) + tuple(shape), ("layers",) + tuple(axes)) if stack else (tuple(shape), tuple(axes))
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float, dtype, stack: int = 0) -> nnx.Param:
+    """Normal(0, std) parameter annotated with logical axes (sharded later, by the caller's mesh).
+    ``stack`` > 0: shape ``[stack, *shape]`` with a leading ``layers`` axis."""
+    shape, axes = _stacked(shape, axes, stack)
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype) if std > 0 else \
         jnp.zeros(shape, dtype)
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
 
 
-def _ones(shape, axes, dtype) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+def _ones(shape, axes, dtype, stack: int = 0) -> nnx.Param:
+    shape, axes = _stacked(shape, axes, stack)
+    return nnx.Param(jnp.ones(shape, dtype), sharding_names=axes, eager_sharding=False)
 
 
 @flax.struct.dataclass
@@ -104,8 +112,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, param_dtype, dtype):
-        self.scale = _ones((dim,), ("embed",), param_dtype)
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, stack: int = 0):
+        self.scale = _ones((dim,), ("embed",), param_dtype, stack)
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,17 +125,17 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, arch: ArchConfig, *, param_dtype, dtype, block: int = DEFAULT_ATTENTION_BLOCK,
-                 rngs: nnx.Rngs):
+                 stack: int = 0, rngs: nnx.Rngs):
         e, h, kvh, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim
         std = arch.initializer_range
-        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), std, param_dtype)
-        self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), std, param_dtype)
-        self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), std, param_dtype)
-        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), std, param_dtype)
+        self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), std, param_dtype, stack)
+        self.k = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), std, param_dtype, stack)
+        self.v = _param(rngs, (e, kvh, d), ("embed", "kv_heads", "head_dim"), std, param_dtype, stack)
+        self.o = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), std, param_dtype, stack)
         if arch.attention_bias:
-            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), 0.0, param_dtype)
-            self.k_bias = _param(rngs, (kvh, d), ("kv_heads", "head_dim"), 0.0, param_dtype)
-            self.v_bias = _param(rngs, (kvh, d), ("kv_heads", "head_dim"), 0.0, param_dtype)
+            self.q_bias = _param(rngs, (h, d), ("heads", "head_dim"), 0.0, param_dtype, stack)
+            self.k_bias = _param(rngs, (kvh, d), ("kv_heads", "head_dim"), 0.0, param_dtype, stack)
+            self.v_bias = _param(rngs, (kvh, d), ("kv_heads", "head_dim"), 0.0, param_dtype, stack)
         self.has_bias = arch.attention_bias
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.dtype, self.block = dtype, block  # block: causal query block of the full-sequence path (0: dense)
@@ -136,8 +144,9 @@ class Attention(nnx.Module):
         y = jnp.einsum("bse,ehd->bshd", x, w.value.astype(self.dtype))
         return y + b.value.astype(self.dtype) if b is not None else y
 
-    def __call__(self, x, positions, segment_ids, inv_freq, layer: int, cache: Optional[KVCache]):
-        """x: [batch, seq, embed] -> ([batch, seq, embed], cache)."""
+    def __call__(self, x, positions, segment_ids, inv_freq, layer, cache: Optional[KVCache]):
+        """x: [batch, seq, embed] -> ([batch, seq, embed], cache). ``layer``: int32 [] (traced under the
+        layer scan) index of this block's slice of the stacked cache."""
         bias = (self.q_bias, self.k_bias, self.v_bias) if self.has_bias else (None, None, None)
         q = self._proj(x, self.q, bias[0])  # [batch, seq, heads, head_dim]
         k = self._proj(x, self.k, bias[1])  # [batch, seq, kv_heads, head_dim]
@@ -155,9 +164,10 @@ class Attention(nnx.Module):
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, :, None] != 0)
             mask &= k_idx[:, None, :] <= q_idx[:, :, None]  # [batch, q, k]
         else:
-            # One scatter of the s new positions per row straight into the (donated) 5-D cache: a
-            # per-row dynamic_update_slice of the layer followed by .at[layer].set copied the whole
-            # layer slice every decode step.
+            # One scatter of the s new positions per row straight into the (donated) 5-D cache, which
+            # the layer scan carries: in a loop carry the scatter updates in place. A per-row
+            # dynamic_update_slice of the layer followed by .at[layer].set copied the whole layer slice
+            # every decode step.
             rows = jnp.arange(b)[:, None]  # [batch, 1]
             cols = cache.lengths[:, None] + q_idx  # [batch, seq]
             k_all = cache.k.at[layer, rows, cols].set(k.astype(cache.k.dtype), mode="drop")
@@ -223,11 +233,11 @@ def _causal_blocked_attention(qh, kh, vh, mask, block: int, dtype):
 
 
 class MLP(nnx.Module):
-    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, stack: int = 0, rngs: nnx.Rngs):
         e, m, std = arch.hidden_size, arch.intermediate_size, arch.initializer_range
-        self.gate = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype)
-        self.up = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype)
-        self.down = _param(rngs, (m, e), ("mlp", "embed"), std, param_dtype)
+        self.gate = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype, stack)
+        self.up = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype, stack)
+        self.down = _param(rngs, (m, e), ("mlp", "embed"), std, param_dtype, stack)
         self.dtype = dtype
 
     def __call__(self, x):
@@ -238,8 +248,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, attention_block: int, rngs: nnx.Rngs):
-        kw = dict(param_dtype=param_dtype, dtype=dtype)
+    """One decoder block. With ``stack`` = N > 0 it holds the parameters of N blocks stacked over a
+    leading ``layers`` axis; :class:`Transformer` runs it under ``lax.scan`` with one slice per step."""
+
+    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, attention_block: int, stack: int = 0,
+                 rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, stack=stack)
         self.attn_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.attn = Attention(arch, rngs=rngs, block=attention_block, **kw)
         self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
@@ -266,8 +280,10 @@ class Transformer(nnx.Module):
         self.arch = arch
         self.embed = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), arch.initializer_range,
                             param_dtype)
-        self.layers = nnx.List([Block(arch, param_dtype=param_dtype, dtype=dtype, attention_block=attention_block,
-                                      rngs=rngs) for _ in range(arch.num_layers)])
+        # All blocks in one module, parameters stacked over a leading "layers" axis ([layers, embed, ...]):
+        # the trunk is one lax.scan, so compile time and program size do not grow with depth.
+        self.layers = Block(arch, param_dtype=param_dtype, dtype=dtype, attention_block=attention_block,
+                            stack=arch.num_layers, rngs=rngs)
         self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.dtype, self.remat = dtype, remat
 
@@ -276,14 +292,23 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)  # [batch, seq, embed]
         x = constrain(x, ("batch", "seq", "act_embed"))
         inv_freq = rope_inv_freq(self.arch)
-        for i, block in enumerate(self.layers):
-            if self.remat != "none":
-                # layer index and cache presence are static; remat recomputes activations in the backward pass
-                fn = nnx.remat(lambda blk, x, p, s, c, i=i: blk(x, p, s, inv_freq, i, c),
-                               policy=_REMAT_POLICIES[self.remat], prevent_cse=True)
-                x, cache = fn(block, x, positions, segment_ids, cache)
-            else:
-                x, cache = block(x, positions, segment_ids, inv_freq, i, cache)
+        graphdef, stacked = nnx.split(self.layers)  # leaves [layers, ...]
+
+        def layer(x, cache, params, i):
+            """One block: params are its slices of the stacked state, i its int32 [] index."""
+            return nnx.merge(graphdef, params)(x, positions, segment_ids, inv_freq, i, cache)
+
+        if self.remat != "none":
+            # per layer: the backward pass recomputes one block's activations from its saved input
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+
+        def body(carry, xs):
+            x, cache = carry
+            x, cache = layer(x, cache, *xs)
+            return (x, cache), None
+
+        # the cache rides in the carry (updated in place), not in xs / ys (a new stacked copy per step)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(self.arch.num_layers, dtype=jnp.int32)))
         if cache is not None:
             cache = cache.replace(lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
         return self.final_norm(x), cache
@@ -305,12 +330,28 @@ class CausalLM(nnx.Module):
     def arch(self) -> ArchConfig:
         return self.transformer.arch
 
+    def head_weight(self) -> jax.Array:
+        """The LM head, [embed, vocab] in the parameter dtype."""
+        return self.transformer.embed.value.T if self.tied else self.lm_head.value
+
     def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
         """-> (logits [batch, seq, vocab] float32, cache)."""
         h, cache = self.transformer(tokens, positions, segment_ids, cache)
-        w = self.transformer.embed.value.T if self.tied else self.lm_head.value  # [embed, vocab]
-        logits = jnp.einsum("bse,ev->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bse,ev->bsv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab")), cache
+
+    def token_logprobs(self, tokens, positions, segment_ids, *, chunk: int, with_entropy: bool = False):
+        """Token-aligned log-probs (and entropies) of ``tokens`` without materialising the logits.
+
+        tokens, positions, segment_ids: [batch, seq] int32 -> (logprobs [batch, seq] float32,
+        entropy [batch, seq] float32 or None), as ``orz_jax.ppo.losses.token_logprobs(self(...)[0], tokens)``
+        but with the LM head applied ``chunk`` positions at a time (see ``chunked_token_logprobs``)."""
+        from orz_jax.ppo.losses import chunked_token_logprobs  # lazy: importing orz_jax.ppo loads the trainer stack
+
+        h, _ = self.transformer(tokens, positions, segment_ids)
+        head = self.transformer.embed.value if self.tied else self.lm_head.value  # as stored: no transposed copy
+        return chunked_token_logprobs(h, head, tokens, chunk=chunk, with_entropy=with_entropy, vocab_major=self.tied,
+                                      constrain_logits=lambda x: constrain(x, ("batch", "seq", "act_vocab")))
 
 
 class Critic(nnx.Module):

@@ -15,7 +15,8 @@ micro-batches); :func:`finalize_metrics` derives the non-additive ones (explaine
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,58 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, with_entropy: bool = Fa
         probs = jnp.exp(logits - lse[..., None])  # [b, s, vocab]
         ent = shift_right(lse - jnp.sum(probs * logits, axis=-1))
     return logp, ent
+
+
+def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, *, chunk: int,
+                           with_entropy: bool = False, constrain_logits: Optional[Callable] = None,
+                           vocab_major: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
+    """:func:`token_logprobs` of the logits ``hidden @ head`` without ever holding ``[b, s, vocab]``.
+
+    A ``lax.scan`` over sequence chunks of ``chunk`` positions applies the LM head inside the chunk,
+    so the largest live tensor is ``[b, chunk, vocab]``. Each chunk's body is rematerialised
+    (``jax.checkpoint``): the backward pass recomputes the chunk's logits from its hidden states
+    instead of keeping them, and the gradients are those of the full-logits computation.
+
+    Args:
+      hidden: [b, s, embed] final hidden states (any float dtype; position i predicts token i+1).
+      head: [embed, vocab] LM head, or [vocab, embed] with ``vocab_major`` (a tied embedding as stored:
+        a transposed copy would be materialised once per call, as large as the logits of a 1k-token row).
+        Cast to ``hidden.dtype``; float32 accumulation, as ``CausalLM``.
+      tokens: [b, s] int32.
+      chunk: positions per chunk (the last one is padded); >= s computes one chunk.
+      with_entropy: also return the token-aligned entropies.
+      constrain_logits: optional sharding constraint applied to each chunk's [b, chunk, vocab] logits.
+    Returns:
+      logprobs [b, s] float32 and entropy [b, s] float32 or None, aligned as :func:`token_logprobs`.
+    """
+    b, s = tokens.shape
+    c = max(1, min(chunk, s))
+    n = -(-s // c)
+    pad = n * c - s
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)  # [b, s]
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        nxt = jnp.pad(nxt, ((0, 0), (0, pad)))
+    hs = hidden.reshape(b, n, c, hidden.shape[-1]).swapaxes(0, 1)  # [n, b, c, embed]
+    ns = nxt.reshape(b, n, c).swapaxes(0, 1)  # [n, b, c]
+    w = head.astype(hidden.dtype)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(h, nx):
+        logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w,
+                            preferred_element_type=jnp.float32)  # [b, c, vocab]
+        if constrain_logits is not None:
+            logits = constrain_logits(logits)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c]
+        picked = jnp.take_along_axis(logits, nx[..., None], axis=-1)[..., 0]  # [b, c]
+        if not with_entropy:
+            return picked - lse, None
+        probs = jnp.exp(logits - lse[..., None])
+        return picked - lse, lse - jnp.sum(probs * logits, axis=-1)
+
+    _, (lp, ent) = jax.lax.scan(lambda carry, x: (carry, one(*x)), None, (hs, ns))  # [n, b, c] each
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * c)[:, :s]  # noqa: E731
+    return shift_right(unchunk(lp)), (shift_right(unchunk(ent)) if with_entropy else None)
 
 
 def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array, advantages: jax.Array, mask: jax.Array,

@@ -21,6 +21,7 @@ are random subsets of the buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -33,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from orz_jax.config import OptimConfig, PPOConfig
 from orz_jax.ppo.advantages import compute_advantages
-from orz_jax.ppo.losses import finalize_metrics, policy_loss, shift_right, token_logprobs, value_loss
+from orz_jax.ppo.losses import finalize_metrics, policy_loss, shift_right, value_loss
 from orz_jax.ppo.packing import PackedBatch, pack_response, unpack_response
 from orz_jax.sharding import logical_to_spec, state_shardings, use_mesh
 
@@ -185,8 +186,9 @@ def required_row_multiple(cfg: PPOConfig, mesh: Optional[Mesh] = None) -> int:
 def actor_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig):
     """PPO policy loss of one micro-batch ``mb`` ([micro_rows, pack_len] fields) -> (loss, metrics)."""
     model = nnx.merge(graphdef, params, rest)
-    logits, _ = model(mb.tokens, mb.positions, mb.segment_ids)  # [micro_rows, pack_len, vocab] f32
-    logp, ent = token_logprobs(logits, mb.tokens, with_entropy=True)
+    # chunked LM head: no [micro_rows, pack_len, vocab] logits in the forward or the backward pass
+    logp, ent = model.token_logprobs(mb.tokens, mb.positions, mb.segment_ids, chunk=cfg.logprob_chunk,
+                                     with_entropy=cfg.entropy_metric or cfg.entropy_coef > 0)  # [micro_rows, pack_len]
     return policy_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, denom, clip_eps=cfg.clip_eps,
                        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy=ent,
                        entropy_coef=cfg.entropy_coef)
@@ -295,9 +297,8 @@ def _packed_forward(state: TrainState, batch: PackedBatch, fn, micro_rows: int, 
     return merge_rows(ys)
 
 
-def logprobs_fn(model, mb: PackedBatch) -> jax.Array:
-    logits, _ = model(mb.tokens, mb.positions, mb.segment_ids)
-    logp, _ = token_logprobs(logits, mb.tokens)
+def logprobs_fn(model, mb: PackedBatch, chunk: int) -> jax.Array:
+    logp, _ = model.token_logprobs(mb.tokens, mb.positions, mb.segment_ids, chunk=chunk)
     return logp * mb.loss_mask
 
 
@@ -309,7 +310,8 @@ def _prepare(actor: TrainState, critic: Optional[TrainState], batch: PackedBatch
              response_mask: jax.Array, rewards: jax.Array, group_ids: jax.Array, *, cfg: PPOConfig,
              mesh: Optional[Mesh]) -> PackedBatch:
     rows, pack_len = batch.tokens.shape
-    old_logprobs = _packed_forward(actor, batch, logprobs_fn, cfg.micro_batch_rows, mesh)
+    old_logprobs = _packed_forward(actor, batch, functools.partial(logprobs_fn, chunk=cfg.logprob_chunk),
+                                   cfg.micro_batch_rows, mesh)
     if critic is not None:
         old_values = _packed_forward(critic, batch, values_fn, cfg.micro_batch_rows, mesh)
     else:
@@ -355,7 +357,8 @@ class PPOFunctions:
                                          o=cfg.actor, mesh=mesh, what="actor")
         critic_update = functools.partial(_update, loss_fn=critic_loss, steps=max(cfg.critic_steps_per_batch, 1),
                                           cfg=cfg, o=cfg.critic, mesh=mesh, what="critic")
-        logprobs = functools.partial(_packed_forward, fn=logprobs_fn, micro_rows=cfg.micro_batch_rows, mesh=mesh)
+        logprobs = functools.partial(_packed_forward, fn=functools.partial(logprobs_fn, chunk=cfg.logprob_chunk),
+                                     micro_rows=cfg.micro_batch_rows, mesh=mesh)
         values = functools.partial(_packed_forward, fn=values_fn, micro_rows=cfg.micro_batch_rows, mesh=mesh)
         prepare = functools.partial(_prepare, cfg=cfg, mesh=mesh)
         if mesh is None:
