@@ -479,7 +479,6 @@ def validate(cfg: Config) -> None:
         _check(a.rms_norm_eps > 0, "model.arch.rms_norm_eps", "must be > 0")
         _check(a.max_position_embeddings > 0, "model.arch.max_position_embeddings", "must be > 0")
         _check(a.initializer_range >= 0, "model.arch.initializer_range", "must be >= 0")
-    _check(m.critic_head_init_std >= 0, "model.critic_head_init_std", "must be >= 0")
     _check(m.attention_impl == "xla", "model.attention_impl",
            f"{m.attention_impl!r} is not implemented yet; the only implementation is 'xla' (XLA ops, in "
            "causal blocks of model.attention_block). A fused kernel is the plan in docs/bench/README.md")
