@@ -60,6 +60,10 @@ from orz_jax.memory import CHIPS, GIB, ChipSpec, RolloutShape, param_count, roof
 #   v4  https://cloud.google.com/tpu/docs/v4   2,400 Gbps     v5e https://cloud.google.com/tpu/docs/v5e  1,600 Gbps
 #   v5p https://cloud.google.com/tpu/docs/v5p  4,800 Gbps     v6e https://cloud.google.com/tpu/docs/v6e  3,584 Gbps
 CHIP_ICI = {"v4": 2400e9 / 8, "v5e": 1600e9 / 8, "v5p": 4800e9 / 8, "v6e": 3584e9 / 8}
+# HBM a program may use per chip where it differs from orz_jax.memory.CHIPS: the v5p page gives "HBM capacity per
+# chip (GiB) 95" (96 GiB physical, 1 GiB held by the runtime); memory.py's 95e9 bytes (88.5 GiB) undercounts it,
+# and the TPU compiler itself reports 95.74G available. https://cloud.google.com/tpu/docs/v5p
+HBM_BYTES = {"v5p": 95 * GIB}
 # The name libtpu's topology descriptions use for each chip.
 _TOPO_PREFIX = {"v4": "v4", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
@@ -316,6 +320,7 @@ class RunReport:
     phases: dict  # phase -> {"peak_bytes", "roofline_s", "program"}
     iteration_roofline_s: float
     memory_py_roofline: dict
+    memory_py_resident: dict  # python -m orz_jax.memory's per-device bytes of the same parts
     total_compile_s: float
     fits: bool
     failures: list
@@ -356,7 +361,7 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     serve_shape = serving_mesh_shape(cfg, mesh_shape, len(local), n_proc)
     # multihost.serving_mesh: one process serves from the training mesh, several from their own devices
     smesh = mesh if n_proc == 1 else make_mesh(MeshConfig(data=1, fsdp=-1, tensor=serve_shape["tensor"]), local)
-    chip = topo.chip
+    chip = dataclasses.replace(topo.chip, hbm_bytes=HBM_BYTES.get(topo.chip.name, topo.chip.hbm_bytes))
     want = (lambda name: True) if not only else (lambda name: any(name.startswith(o) for o in only))
 
     # Abstract models and train states: the trainer's create_model / create_train_state, as shapes.
@@ -442,7 +447,8 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         prefix_in = with_shardings(prefix_abs, engine._prefix_shardings)
         run(f"insert[{b}]", engine._insert_jit, prefix_in, state_in, i32(srep), key_in, i32(srep), i32(srep),
             calls=per_proc if b == engine.buckets[-1] else 0.0, resident_in_args=kv_b, phase="rollout")
-    run("init_decode_state", engine._init_jit, calls=waves, phase="rollout")
+    # its output is the resident KV cache itself: counted once in the phase peak
+    run("init_decode_state", engine._init_jit, calls=waves, resident_in_args=kv_b, phase="rollout")
     slots_dev = slots / (serve_shape["data"] * serve_shape["fsdp"])
     decode_model = slots_dev * 2.0 * pc_actor.matmul / serve_shape["tensor"]
     if cfg.rollout.driver == "orchestrator":
@@ -461,11 +467,18 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
             resident_in_args=serving_b + kv_b, phase="rollout")
 
     # -- weight sync (trainer: engine.update_params(to_serving(actor.params))) ----------------------
-    if n_proc == 1:
-        sync = jax.jit(lambda p: p, in_shardings=(ash.params,), out_shardings=engine._param_shardings)
-    else:  # multihost.to_serving: process_allgather(tiled=True) = an identity to fully replicated arrays
-        sync = jax.jit(lambda p: p, in_shardings=(ash.params,), out_shardings=rep)
-    run("weight_sync", sync, actor_in.params, resident_in_args=actor_param_b, phase="weight_sync")
+    same_layout = n_proc == 1 and all(a == b for a, b in zip(jax.tree.leaves(ash.params),
+                                                              jax.tree.leaves(engine._param_shardings)))
+    if same_layout:
+        # update_params' device_put to an identical sharding is a no-op: no program runs
+        if want("weight_sync"):
+            log("weight_sync: no program (one process, same layout: the engine shares the trainer's buffers)")
+    else:
+        # several processes: multihost.to_serving = process_allgather(tiled=True), an identity to fully
+        # replicated arrays (then a host copy); one process, other layout: a reshard
+        out_sh = rep if n_proc > 1 else engine._param_shardings
+        sync = jax.jit(lambda p: p, in_shardings=(ash.params,), out_shardings=out_sh)
+        run("weight_sync", sync, actor_in.params, resident_in_args=actor_param_b, phase="weight_sync")
 
     # -- PPO ---------------------------------------------------------------------------------------
     parts = buf.rows // min(micro, buf.rows)
@@ -509,7 +522,11 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
                             f"{(p.peak_bytes - chip.hbm_bytes) / GIB:.2f} GiB)")
     iteration_s = sum(ph["roofline_s"] for ph in phases.values())
 
-    from orz_jax.memory import Mesh3
+    from orz_jax.memory import Mesh3, per_device_memory
+    mb = per_device_memory(cfg.model.arch, Mesh3(**mesh_shape), slots=slots, max_len=engine.max_len,
+                           param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
+    mem_py_resident = {"actor_state": mb.actor_params + mb.actor_opt, "critic_state": mb.critic_params + mb.critic_opt,
+                       "serving_params_copy": mb.rollout_weights, "kv_cache_during_rollout": mb.kv_cache}
     try:
         est = roofline_iteration(cfg.model.arch, chip, Mesh3(**mesh_shape), slots=slots,
                                  shape=RolloutShape(cfg.data.prompts_per_iter, cfg.rollout.n_samples_per_prompt,
@@ -528,7 +545,7 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         buffer=dataclasses.asdict(buf) | {"decode_waves_per_process": waves, "decode_steps": decode_steps},
         resident=resident, programs=[dataclasses.asdict(p) | {"collective_bytes": p.collective_bytes}
                                      for p in programs],
-        phases=phases, iteration_roofline_s=iteration_s, memory_py_roofline=mem_py,
+        phases=phases, iteration_roofline_s=iteration_s, memory_py_roofline=mem_py, memory_py_resident=mem_py_resident,
         total_compile_s=sum(p.compile_s for p in programs), fits=fits and not failures, failures=failures)
 
 
@@ -565,7 +582,8 @@ def format_report(r: RunReport) -> str:
             f"{_g(p['alias_bytes'])} {_g(p['temp_bytes'])} {_g(p['peak_bytes'])} {p['trips']:6d} "
             f"{p['flops'] * p['trips'] / 1e12:9.3f} {mf} {p['bytes_accessed'] * p['trips'] / 1e9:9.2f} "
             f"{p['collective_bytes'] * p['trips'] / 1e9:8.2f} {_dur(p['roofline_s']):>10s} {p['bound']:5s}  {coll}")
-    lines.append("resident per device: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in r.resident.items()))
+    lines.append("resident per device (abstract shapes x shardings): " + ", ".join(
+        f"{k} {v / GIB:.2f} GiB (memory.py {r.memory_py_resident[k] / GIB:.2f})" for k, v in r.resident.items()))
     lines.append(f"phases (peak per device vs {hbm / GIB:.2f} GiB HBM of a {r.chip['name']} chip; roofline per "
                  f"iteration at {r.chip['peak_flops'] / 1e12:.0f} TFLOP/s, {r.chip['hbm_bw'] / 1e9:.0f} GB/s HBM, "
                  f"{r.chip['ici_bw'] / 1e9:.0f} GB/s ICI per chip; {r.chip['source']}):")
