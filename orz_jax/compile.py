@@ -476,9 +476,18 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     else:
         # several processes: multihost.to_serving = process_allgather(tiled=True), an identity to fully
         # replicated arrays (then a host copy); one process, other layout: a reshard
-        out_sh = rep if n_proc > 1 else engine._param_shardings
-        sync = jax.jit(lambda p: p, in_shardings=(ash.params,), out_shardings=out_sh)
-        run("weight_sync", sync, actor_in.params, resident_in_args=actor_param_b, phase="weight_sync")
+        if n_proc > 1:
+            # to_serving gathers leaf by leaf: compile the largest leaf's gather (the peak); its costs are
+            # scaled to the whole policy by bytes (calls = total bytes / largest leaf's bytes)
+            leaves = jax.tree.leaves(actor_in.params)
+            big = max(leaves, key=lambda x: math.prod(x.shape) * x.dtype.itemsize)
+            nbytes = lambda x: math.prod(x.shape) * x.dtype.itemsize  # noqa: E731
+            sync = jax.jit(lambda p: p, out_shardings=rep)
+            run("weight_sync", sync, big, calls=sum(map(nbytes, leaves)) / nbytes(big),
+                resident_in_args=per_device_bytes(big), phase="weight_sync")
+        else:
+            sync = jax.jit(lambda p: p, in_shardings=(ash.params,), out_shardings=engine._param_shardings)
+            run("weight_sync", sync, actor_in.params, resident_in_args=actor_param_b, phase="weight_sync")
 
     # -- PPO ---------------------------------------------------------------------------------------
     parts = buf.rows // min(micro, buf.rows)
