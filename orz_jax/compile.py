@@ -494,7 +494,6 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     fwd_model = 2.0 * (pc_actor.matmul + pc_critic.matmul) * tokens_dev / tensor
     run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in, trips=parts,
         model_flops=fwd_model, resident_in_args=actor_b + critic_b, phase="prepare")
-    csteps = max(cfg.ppo.critic_steps_per_batch, 1)
     if cfg.ppo.critic_steps_per_batch > 0:
         run("critic_step", fns.critic_step, critic_in, batch_in, trips=buf.rows // micro,
             model_flops=_actor_flops_mult(cfg, True) * pc_critic.matmul * tokens_dev / tensor,
@@ -502,7 +501,6 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     run("actor_step", fns.actor_step, actor_in, batch_in, trips=buf.rows // micro,
         model_flops=_actor_flops_mult(cfg, True) * pc_actor.matmul * tokens_dev / tensor,
         resident_in_args=actor_b, phase="actor_update")
-    del csteps
 
     # -- memory and roofline ----------------------------------------------------------------------
     resident = {"actor_state": actor_b, "critic_state": critic_b, "serving_params_copy": serving_copy_b,
