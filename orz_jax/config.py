@@ -10,6 +10,7 @@ any device work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -526,10 +527,10 @@ def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
 def serving_mesh_shape(cfg: Config, mesh_shape: dict[str, int], local_devices: int, num_processes: int = 1
                        ) -> dict[str, int]:
     """The rollout engine's mesh sizes: the training mesh with one process; with several, the process's own
-    devices, all on fsdp, with ``tensor`` kept when it divides them (as ``orz_jax.multihost.serving_mesh``)."""
+    devices: tensor = gcd(mesh.tensor, local devices), the rest on fsdp (as ``orz_jax.multihost.serving_mesh``)."""
     if num_processes <= 1:
         return dict(mesh_shape)
-    t = cfg.mesh.tensor if cfg.mesh.tensor > 0 and local_devices % cfg.mesh.tensor == 0 else 1
+    t = math.gcd(cfg.mesh.tensor, local_devices) if cfg.mesh.tensor > 0 else 1
     return {"data": 1, "fsdp": local_devices // t, "tensor": t}
 
 
