@@ -493,7 +493,8 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     parts = buf.rows // min(micro, buf.rows)
     fwd_model = 2.0 * (pc_actor.matmul + pc_critic.matmul) * tokens_dev / tensor
     run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in, trips=parts,
-        model_flops=fwd_model, resident_in_args=actor_b + critic_b, phase="prepare")
+        # only the parameters are read: jit prunes the unused optimizer states from the arguments
+        model_flops=fwd_model, resident_in_args=actor_param_b + per_device_bytes(critic_in.params), phase="prepare")
     if cfg.ppo.critic_steps_per_batch > 0:
         run("critic_step", fns.critic_step, critic_in, batch_in, trips=buf.rows // micro,
             model_flops=_actor_flops_mult(cfg, True) * pc_critic.matmul * tokens_dev / tensor,
