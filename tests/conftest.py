@@ -20,6 +20,11 @@ import pytest
 if "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
+# libtpu is installed for the ahead-of-time TPU compile tests (the tpu-aot extra); with no TPU here, JAX would
+# still try to open one in every test process (noise, seconds, and libtpu's host-wide lock). Compiling for a TPU
+# topology needs no TPU backend (tests/test_compile.py), so the suite runs on the CPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO = Path(__file__).resolve().parents[1]
 # Small real ORZ records in ORZ's schemas, shipped with the tests (tests/fixtures/README.md): every data test
 # runs on them, so a fresh clone skips nothing for want of data.

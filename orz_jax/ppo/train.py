@@ -106,12 +106,8 @@ def batch_shardings(mesh: Mesh) -> PackedBatch:
     return PackedBatch(*([s] * len(dataclasses.fields(PackedBatch))))
 
 
-def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None) -> TrainState:
-    """Split ``model`` into a TrainState and initialise the optimizer; with a mesh, every leaf is
-    placed by :func:`train_state_shardings` (the optimizer state is created sharded, never whole).
-
-    The state holds fresh copies of the parameters (the jitted init writes new buffers), so ``model``
-    stays usable after the steps donate the state."""
+def _state_init(model: nnx.Module, o: OptimConfig):
+    """(init(params, rest) -> TrainState, params, rest) for ``model``: shared by the real and abstract states."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(o)
 
@@ -121,6 +117,24 @@ def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] =
         return TrainState(graphdef=graphdef, params=params, opt_state=tx.init(params),
                           step=jnp.zeros((), jnp.int32), rest=rest)
 
+    return init, params, rest
+
+
+def abstract_train_state(model: nnx.Module, o: OptimConfig) -> TrainState:
+    """The TrainState :func:`create_train_state` builds for ``model`` (a concrete or ``nnx.eval_shape``
+    module), with ShapeDtypeStruct leaves: no device memory (ahead-of-time compiles, ``orz_jax.compile``).
+    Its shardings are :func:`train_state_shardings` of it."""
+    init, params, rest = _state_init(model, o)
+    return jax.eval_shape(init, params, rest)
+
+
+def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None) -> TrainState:
+    """Split ``model`` into a TrainState and initialise the optimizer; with a mesh, every leaf is
+    placed by :func:`train_state_shardings` (the optimizer state is created sharded, never whole).
+
+    The state holds fresh copies of the parameters (the jitted init writes new buffers), so ``model``
+    stays usable after the steps donate the state."""
+    init, params, rest = _state_init(model, o)
     if mesh is None:
         return jax.jit(init)(params, rest)
     shardings = train_state_shardings(mesh, jax.eval_shape(init, params, rest))
@@ -290,10 +304,16 @@ def _packed_forward(state: TrainState, batch: PackedBatch, fn, micro_rows: int, 
     if rows % micro:
         raise ValueError(f"packed forward: {rows} rows do not split into micro-batches of {micro} rows")
     parts = rows // micro
+    def body(carry, mb):
+        # The weights ride in the scan carry (unchanged) so that the module is merged from tracers of the
+        # loop body: merged from the outer trace's arrays, an nnx.remat layer (model.remat != "none")
+        # refuses to update it (flax TraceContextError), which broke every ORZ config here.
+        params, rest = carry
+        return carry, fn(nnx.merge(state.graphdef, params, rest), mb)
+
     with use_mesh(mesh):
-        model = nnx.merge(state.graphdef, state.params, state.rest)
         xs = jax.tree.map(lambda x: split_rows(x, parts, mesh), batch)
-        ys = jax.lax.map(lambda mb: fn(model, mb), xs)  # [parts, micro, pack_len]
+        _, ys = jax.lax.scan(body, (state.params, state.rest), xs)  # [parts, micro, pack_len]
     return merge_rows(ys)
 
 

@@ -162,7 +162,10 @@ class RolloutEngine(engine_api.Engine):
         self._mesh = mesh
         # Serving layout of the parameters: the logical-axis rules on the serving mesh.
         self._param_shardings = state_shardings(mesh, params)
-        self.params = jax.device_put(params, self._param_shardings)
+        # Abstract parameters (ShapeDtypeStruct leaves, ``nnx.eval_shape``) build an engine whose jitted
+        # functions can only be lowered ahead of time (``orz_jax.compile``): nothing is placed.
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+        self.params = params if abstract else jax.device_put(params, self._param_shardings)
 
         kv_axes = ("layers", "slots", "cache_seq", "kv_heads", "head_dim")
         kv_shape = (self.arch.num_layers, self.slots, self.max_len, self.arch.num_kv_heads,

@@ -1,0 +1,144 @@
+"""``python -m orz_jax.compile``: every program of a tiny config compiled ahead of time for TPU slices on this CPU.
+
+Needs libtpu (the ``tpu-aot`` extra: ``pip install -e '.[test,tpu-aot]'``); skipped with the reason otherwise.
+All compiles run in ONE subprocess (libtpu initialises once, ~10 s) with ``JAX_PLATFORMS=cpu``: the pytest
+process's own JAX stays on the CPU, and compile-only TPU devices need no TPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu not installed (pip install -e '.[tpu-aot]')")
+
+TINY = """\
+model:
+  arch: {vocab_size: 256, hidden_size: 64, intermediate_size: 128, num_layers: 1, num_heads: 4, num_kv_heads: 2}
+  tokenizer: unused
+  dtype: bfloat16
+  remat: full
+  attention_block: 64
+mesh: {data: 1, fsdp: -1, tensor: 1}
+rollout: {n_samples_per_prompt: 4, max_prompt_len: 32, max_response_len: 32, prefill_buckets: [16, 32],
+          max_concurrent_decodes: 8, driver: orchestrator}
+ppo: {micro_batch_rows: 4, pack_len: 128, critic_steps_per_batch: 2, actor_steps_per_batch: 1}
+data: {prompts_per_iter: 8}
+eval: {temperature: 0.6}
+"""
+
+SCRIPT = """
+import json, sys, jax, jax.numpy as jnp, numpy as np, dataclasses
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from orz_jax.compile import compile_run, compile_program, main, parse_topology, topology_devices
+from orz_jax.config import load_config
+
+cfg_path, out = sys.argv[1], sys.argv[2]
+res = {}
+cfg = load_config(cfg_path)
+res["one_host"] = dataclasses.asdict(compile_run(cfg, parse_topology("v5p:2x2x1"), log=lambda s: None))
+# two hosts (v5p:2x2x2 = 8 chips, 4 per host): the engine serves from one host's devices
+res["two_hosts"] = dataclasses.asdict(compile_run(load_config(cfg_path, ["mesh.tensor=2"]), parse_topology("v5p:2x2x2"), log=lambda s: None,
+                                                  only=["decode", "weight_sync", "actor_step"]))
+# an unscanned sharded matmul: compiled FLOPs / bytes against 2*M*N*K and the operand sizes
+devs = topology_devices(parse_topology("v5p:2x2x1"))
+mesh = Mesh(np.asarray(devs).reshape(4), ("x",))
+M, N, K = 1024, 2048, 512
+a = jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=NamedSharding(mesh, P("x", None)))
+b = jax.ShapeDtypeStruct((K, N), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "x")))
+mm = compile_program("matmul", jax.jit(lambda a, b: a @ b, out_shardings=NamedSharding(mesh, P("x", None))), a, b)
+res["matmul"] = dataclasses.asdict(mm) | {"collective_bytes": mm.collective_bytes}
+# too big: a KV cache of 2048 slots x 32800 positions x 2 KiB per device (137 GB) on a 95 GB chip
+big = ["rollout.max_concurrent_decodes=8192", "rollout.max_response_len=32768", "ppo.pack_len=32800",
+       "model.arch.head_dim=256", "--programs", "decode"]
+res["too_big_rc"] = main(["--config", cfg_path, "--topology", "v5p-8", *big])
+json.dump(res, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compile")
+    (tmp / "tiny.yaml").write_text(TINY)
+    (tmp / "run.py").write_text(textwrap.dedent(SCRIPT))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(tmp / "run.py"), str(tmp / "tiny.yaml"), str(tmp / "out.json")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-6000:]
+    return json.loads((tmp / "out.json").read_text()), p.stdout
+
+
+def _by_name(report):
+    return {p["name"]: p for p in report["programs"]}
+
+
+def test_every_program_compiles_for_one_host(compiled):
+    r = compiled[0]["one_host"]
+    assert r["devices"] == 4 and r["processes"] == 1 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert r["failures"] == [] and r["fits"]
+    progs = _by_name(r)
+    assert set(progs) == {"prefill[16]", "insert[16]", "prefill[32]", "insert[32]", "init_decode_state", "decode",
+                          "eval_decode", "prepare_batch", "critic_step", "actor_step"}
+    # one process, one layout: the engine serves the trainer's own parameter buffers, no weight-sync program
+    for name, p in progs.items():
+        assert p["compile_s"] > 0 and p["temp_bytes"] >= 0 and p["peak_bytes"] > 0, name
+        assert p["flops"] >= 0 and p["bytes_accessed"] > 0, name
+    # the train steps take (state, batch): at least the state's and the buffer's shard, unpadded
+    rows, L = r["buffer"]["rows"], r["buffer"]["pack_len"]
+    batch_dev = 8 * rows * L * 4 // 4  # 8 int32/float32 fields, rows split over 4 batch shards
+    assert progs["actor_step"]["argument_bytes"] >= r["resident"]["actor_state"] + batch_dev
+    assert progs["critic_step"]["argument_bytes"] >= r["resident"]["critic_state"] + batch_dev
+    # donated train states come back in place
+    assert progs["actor_step"]["alias_bytes"] >= r["resident"]["actor_state"] * 0.99
+    # FSDP: the update gathers weights and reduces gradients across the 4 devices
+    assert {"all-gather"} <= set(progs["actor_step"]["collectives"])
+    assert {"all-reduce", "reduce-scatter"} & set(progs["actor_step"]["collectives"])
+    # trips = micro-batches of the buffer (the scans' bodies are counted once by cost_analysis)
+    assert progs["actor_step"]["trips"] == rows // 4 and progs["critic_step"]["trips"] == rows // 4
+    # compiled FLOPs x trips cover the matmuls of forward + backward + remat forward (8N per token) ...
+    a = progs["actor_step"]
+    assert a["flops"] * a["trips"] >= a["model_flops"] * 0.999
+    # ... and not wildly more: attention, norms, softmax and the per-step optimizer add < 2x at these sizes
+    assert a["flops"] * a["trips"] <= 2.0 * a["model_flops"]
+    assert r["iteration_roofline_s"] > 0 and set(r["phases"]) == {"rollout", "prepare",
+                                                                  "critic_update", "actor_update"}
+
+
+def test_two_host_topology_serves_from_local_devices(compiled):
+    r = compiled[0]["two_hosts"]
+    assert r["devices"] == 8 and r["processes"] == 2 and r["failures"] == []
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert r["serving_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}  # one host's 4 chips, tensor kept
+    progs = _by_name(r)
+    assert set(progs) == {"decode", "weight_sync", "actor_step"}
+    # multihost.to_serving gathers leaf by leaf: the compiled program is the largest leaf (the 256 x 64 float32
+    # embedding) gathered whole onto every device, its calls scale it to the whole policy by bytes
+    assert progs["weight_sync"]["output_bytes"] == 256 * 64 * 4
+    assert "all-gather" in progs["weight_sync"]["collectives"]
+    params_total = r["resident"]["actor_state"] * 8 / 3  # params + 2 Adam moments, all float32, over 8 devices
+    assert progs["weight_sync"]["calls_per_iteration"] * 256 * 64 * 4 == pytest.approx(params_total, rel=0.05)
+
+
+def test_unscanned_matmul_figures_are_exact(compiled):
+    mm = compiled[0]["matmul"]
+    M, N, K = 1024, 2048, 512
+    assert mm["flops"] == pytest.approx(2 * M * N * K / 4, rel=1e-6)  # each device: its quarter of the rows
+    assert mm["argument_bytes"] == (M * K + K * N) // 4 * 2  # bf16 shards
+    assert mm["output_bytes"] == M * N // 4 * 2
+    assert mm["collectives"]["all-gather"]["bytes"] == K * N * 2  # b gathered whole on each device
+
+
+def test_too_big_is_refused_naming_the_program(compiled):
+    results, stdout = compiled
+    assert results["too_big_rc"] == 1
+    assert "program decode" in stdout and ("does not fit" in stdout or "failed to compile" in stdout)
