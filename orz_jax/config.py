@@ -417,19 +417,43 @@ def _set_path(tree: dict, path: list[str], value: Any, cls: type) -> None:
         node, node_cls = node[part], sub_cls
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """One config file as a dict. A top-level ``base: other.yaml`` (relative to this file) is read first and this
+    file's keys are laid over it, so a variant states only what differs (e.g. configs/orz_32b_anneal.yaml)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of another config file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    if base_path in _seen:
+        raise ConfigError(f"{path}: base: {base} makes a cycle ({' -> '.join(_seen + (base_path,))})")
+    try:
+        return _merge(_read_yaml(base_path, _seen + (os.path.normpath(path),)), data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load ``path`` (YAML; None: the built-in defaults), apply overrides, validate, return Config."""
-    data: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data: dict = _read_yaml(path) if path is not None else {}
     for text in overrides or []:
         keys, value = _parse_override(text)
         _set_path(data, keys, value, Config)

@@ -80,3 +80,30 @@ def test_missing_and_malformed_files(tmp_path):
     unknown.write_text("model: {checkpoint: demo}\nppo:\n  critc: {lr: 1.0}\n")
     with pytest.raises(ConfigError, match=r"unknown.yaml: unknown config key 'ppo.critc'"):
         load_config(str(unknown))
+
+
+def test_base_file_is_laid_under_a_variant(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "ppo:\n  actor: {lr: 1.0e-6, warmup_steps: 50}\n  critic_steps_per_batch: 12\n"
+        "model: {checkpoint: demo}\ndata:\n  source: synthetic\n  prompts_per_iter: 8\n"
+        "experiment: {name: base, num_iterations: 1000}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "variant.yaml").write_text(  # base: is relative to the file that names it
+        "base: ../base.yaml\nppo:\n  actor: {warmup_steps: 0}\nexperiment: {name: variant}\n")
+    cfg = load_config(str(tmp_path / "sub" / "variant.yaml"), ["experiment.num_iterations=7"])
+    assert (cfg.ppo.actor.lr, cfg.ppo.actor.warmup_steps) == (1e-6, 0)  # nested keys merge, the variant wins
+    assert cfg.ppo.critic_steps_per_batch == 12 and cfg.data.prompts_per_iter == 8
+    assert (cfg.experiment.name, cfg.experiment.num_iterations) == ("variant", 7)  # overrides still come last
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: base: config file not found: .*nowhere\.yaml"):
+        load_config(str(tmp_path / "c.yaml"))
+
+
+def test_anneal_config_is_the_32b_config_plus_its_stage():
+    main, anneal = (load_config(str(REPO / "configs" / n)) for n in ("orz_32b.yaml", "orz_32b_anneal.yaml"))
+    assert anneal.model.arch == main.model.arch and anneal.rollout == main.rollout and anneal.mesh == main.mesh
+    assert anneal.ppo.micro_batch_rows == main.ppo.micro_batch_rows  # sized for the same slice (v5p-128)

@@ -14,7 +14,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The slice each shipped ORZ config documents (its max_concurrent_decodes comment and tpu/README.md).
 # v5p accelerator types count TensorCores, 2 per chip: v5p-8 = 4 chips (1 host), v5p-32 = 16 chips (4 hosts),
 # v5p-128 = 64 chips (16 hosts); a v5p host holds 4 chips.
-DOCUMENTED = {"orz_0p5b.yaml": "v5p-8", "orz_1p5b.yaml": "v5p-8", "orz_7b.yaml": "v5p-32", "orz_32b.yaml": "v5p-128"}
+DOCUMENTED = {"orz_0p5b.yaml": "v5p-8", "orz_1p5b.yaml": "v5p-8", "orz_7b.yaml": "v5p-32", "orz_32b.yaml": "v5p-128",
+              "orz_32b_anneal.yaml": "v5p-128"}
 V5P_CHIPS_PER_HOST = 4
 
 
