@@ -15,10 +15,16 @@ What is modelled, and what is not:
 * optimizer: AdamW keeps two moments per parameter (float32 by default; ``moment_dtype``), plus an
   optional float32 master copy when the parameters themselves are kept in a low-precision dtype;
 * per-device: parameters, optimizer state and gradients are sharded over ``fsdp * tensor`` (ZeRO-3
-  plus Megatron, see ``orz_jax/sharding.py``); the KV cache over its slots (``data * fsdp``) and over
-  its kv heads (``tensor``, only when it divides ``num_kv_heads``, else replicated);
+  plus Megatron, see ``orz_jax/sharding.py``);
+* rollouts as the code runs them (checked against the compiler, ``python -m orz_jax.compile`` and
+  ``docs/tpu/README.md``): each process (host, 4 chips on v5p / v5e / v6e) runs its own engine with
+  ``rollout.max_concurrent_decodes`` slots on its *serving mesh* (the training mesh with one process; with
+  several, the host's chips with tensor = gcd(mesh.tensor, chips per host)). The engine holds a compute-dtype
+  copy of the policy sharded over the serving ``tensor`` axis only (no fsdp shards: a decode step gathers
+  no weights); its KV cache is sharded over the serving mesh's slot shards (``data * fsdp``) and over kv
+  heads (``tensor``, when it divides ``num_kv_heads``, else replicated);
 * activations, XLA temporaries and fragmentation are NOT modelled; ``reserve_frac`` of HBM is held
-  back for them when the largest number of decode slots is computed;
+  back for them when the largest number of decode slots is computed. The compile tool measures them;
 * the roofline gives a lower bound on time: every phase runs at the chip's peak FLOP/s or HBM
   bandwidth, whichever binds; ICI collectives, host work (reward scoring, tokenization), compile
   time and pipeline bubbles are not counted. It is an estimate, not a measurement.
@@ -80,12 +86,19 @@ class ChipSpec:
     cores_per_chip: int  # TensorCores per chip, i.e. what the accelerator-type suffix counts per chip
     type_prefix: str  # accelerator-type prefix: "v5p" in "v5p-128", "v5litepod" in "v5litepod-16"
     source: str
+    # Chips per host (JAX process) in a multi-host slice: libtpu's topology descriptions
+    # (jax.experimental.topologies) give 4 devices per process for v5p 2x2x4, v5e 4x4 and v6e 4x4.
+    chips_per_host: int = 4
+
+    def hosts(self, chips: int) -> int:
+        return max(1, chips // self.chips_per_host)
 
 
 CHIPS: dict[str, ChipSpec] = {
     "v4": ChipSpec("v4", 275e12, 32 * GIB, 1200e9, 2, "v4", "https://cloud.google.com/tpu/docs/v4"),
     "v5e": ChipSpec("v5e", 197e12, 16e9, 819e9, 1, "v5litepod", "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": ChipSpec("v5p", 459e12, 95e9, 2765e9, 2, "v5p", "https://cloud.google.com/tpu/docs/v5p"),
+    # v5p: the page gives "HBM capacity per chip (GiB) 95"; the TPU compiler allows 95.74 GiB per chip.
+    "v5p": ChipSpec("v5p", 459e12, 95 * GIB, 2765e9, 2, "v5p", "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": ChipSpec("v6e", 918e12, 32e9, 1638e9, 1, "v6e", "https://cloud.google.com/tpu/docs/v6e"),
 }
 
@@ -239,6 +252,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def serving_mesh(mesh: Mesh3, processes: int = 1) -> Mesh3:
+    """The rollout engine's mesh (mirrors ``orz_jax.config.serving_mesh_shape``): the training mesh with one
+    process; with several, one host's devices with tensor = gcd(mesh.tensor, devices per host), the rest fsdp."""
+    if processes <= 1:
+        return mesh
+    local = mesh.size // processes
+    t = math.gcd(mesh.tensor, local)
+    return Mesh3(1, local // t, t)
+
+
+
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes per device. ``*_total`` fields are peaks of the phases, not a sum of everything."""
@@ -250,12 +274,14 @@ class MemoryBreakdown:
     critic_params: int
     critic_opt: int
     critic_grads: int
-    rollout_weights: int  # compute-dtype copy of the policy used by the decode engine (0 if none)
+    rollout_weights: int  # the engine's compute-dtype copy of the policy, over the serving tensor axis (0 if none)
     kv_cache: int
-    slots: int  # decode slots over the whole mesh
+    slots: int  # decode slots per process (rollout.max_concurrent_decodes)
     slots_per_device: int
     kv_heads_per_device: int
     max_len: int
+    serving: Mesh3 = None  # the engine's mesh (one host's devices when processes > 1)
+    processes: int = 1
 
     @property
     def resident(self) -> int:
@@ -272,22 +298,24 @@ class MemoryBreakdown:
         return self.resident + max(self.actor_grads, self.critic_grads)
 
 
+def _kv_heads_per_device(arch: ArchConfig, tensor: int) -> int:
+    # kv heads shard over `tensor` only when it divides them; otherwise the rules leave them replicated.
+    return arch.num_kv_heads // tensor if arch.num_kv_heads % tensor == 0 else arch.num_kv_heads
+
+
 def per_device_memory(arch: ArchConfig, mesh: Mesh3, *, slots: int, max_len: int,
                       param_dtype: str = "float32", compute_dtype: str = "bfloat16", master_copy: bool = False,
                       moment_dtype: str = "float32", with_critic: bool = True,
-                      rollout_weight_copy: Optional[bool] = None) -> MemoryBreakdown:
-    """Per-device bytes on ``mesh`` for PPO with an actor, a critic and a decode KV cache of ``slots``
-    rows of ``max_len`` positions. ``rollout_weight_copy`` (default: when compute and param dtypes
-    differ): the decode engine holds its own compute-dtype copy of the policy, sharded like it."""
+                      rollout_weight_copy: bool = True, processes: int = 1) -> MemoryBreakdown:
+    """Per-device bytes on ``mesh`` (``processes`` hosts) for PPO with an actor, a critic and, on every host, a
+    decode engine of ``slots`` KV-cache rows of ``max_len`` positions. ``rollout_weight_copy``: the engine holds
+    its own compute-dtype copy of the policy, sharded over the serving mesh's ``tensor`` axis only."""
     actor_n = num_params(arch, "policy")
     critic_n = num_params(arch, "critic") if with_critic else 0
     ps = mesh.param_shards
-    if rollout_weight_copy is None:
-        rollout_weight_copy = compute_dtype != param_dtype
-    # kv heads shard over `tensor` only when it divides them; otherwise the rules leave them replicated.
-    kv_heads = arch.num_kv_heads
-    kv_heads_dev = kv_heads // mesh.tensor if kv_heads % mesh.tensor == 0 else kv_heads
-    slots_dev = _ceil_div(slots, mesh.batch_shards)
+    serve = serving_mesh(mesh, processes)
+    kv_heads_dev = _kv_heads_per_device(arch, serve.tensor)
+    slots_dev = _ceil_div(slots, serve.batch_shards)
     return MemoryBreakdown(
         mesh=mesh,
         actor_params=_ceil_div(param_bytes(actor_n, param_dtype), ps),
@@ -296,26 +324,28 @@ def per_device_memory(arch: ArchConfig, mesh: Mesh3, *, slots: int, max_len: int
         critic_params=_ceil_div(param_bytes(critic_n, param_dtype), ps),
         critic_opt=_ceil_div(optimizer_bytes(critic_n, master_copy, moment_dtype), ps),
         critic_grads=_ceil_div(grad_bytes(critic_n, param_dtype), ps),
-        rollout_weights=_ceil_div(param_bytes(actor_n, compute_dtype), ps) if rollout_weight_copy else 0,
+        rollout_weights=_ceil_div(param_bytes(actor_n, compute_dtype), serve.tensor) if rollout_weight_copy else 0,
         kv_cache=kv_cache_bytes(slots_dev, max_len, arch.num_layers, kv_heads_dev, arch.resolved_head_dim,
                                 compute_dtype),
-        slots=slots, slots_per_device=slots_dev, kv_heads_per_device=kv_heads_dev, max_len=max_len)
+        slots=slots, slots_per_device=slots_dev, kv_heads_per_device=kv_heads_dev, max_len=max_len,
+        serving=serve, processes=processes)
 
 
 def max_decode_slots(arch: ArchConfig, mesh: Mesh3, hbm_bytes: float, *, max_len: int, cap: Optional[int] = None,
-                     reserve_frac: float = 0.1, **memory_kwargs) -> int:
-    """Largest slot count (a multiple of ``data * fsdp``, at most ``cap``) whose KV cache fits in
-    ``(1 - reserve_frac) * hbm_bytes`` per device next to the resident state and the rollout weights.
-    0 when not even the resident state fits."""
-    base = per_device_memory(arch, mesh, slots=0, max_len=max_len, **memory_kwargs)
+                     reserve_frac: float = 0.1, processes: int = 1, **memory_kwargs) -> int:
+    """Largest slot count per process (a multiple of the serving mesh's ``data * fsdp``, at most ``cap``) whose
+    KV cache fits in ``(1 - reserve_frac) * hbm_bytes`` per device next to the resident state and the engine's
+    weights. 0 when not even the resident state fits."""
+    base = per_device_memory(arch, mesh, slots=0, max_len=max_len, processes=processes, **memory_kwargs)
     free = (1.0 - reserve_frac) * hbm_bytes - base.rollout_peak
     per_slot = kv_cache_bytes(1, max_len, arch.num_layers, base.kv_heads_per_device, arch.resolved_head_dim,
                               memory_kwargs.get("compute_dtype", "bfloat16"))
     if free <= 0:
         return 0
-    slots = int(free // per_slot) * mesh.batch_shards
+    shards = base.serving.batch_shards
+    slots = int(free // per_slot) * shards
     if cap is not None:
-        slots = min(slots, _ceil_div(cap, mesh.batch_shards) * mesh.batch_shards)
+        slots = min(slots, _ceil_div(cap, shards) * shards)
     return slots
 
 
@@ -372,11 +402,6 @@ class RooflineEstimate:
     forward_s: float  # experience making: actor log-probs + critic values
     train_s: float  # actor and critic updates
     tokens: int  # tokens trained on per iteration
-    # Bytes one device receives per decode step if the FSDP-sharded weights are all-gathered every
-    # step (the training layout). NOT in decode_s: the estimate assumes the gather is hidden or the
-    # rollout uses a tensor-only layout; ICI bandwidth is not modelled.
-    decode_gather_bytes: float = 0.0
-
     @property
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s + self.forward_s + self.train_s
@@ -384,16 +409,16 @@ class RooflineEstimate:
 
 def roofline_iteration(arch: ArchConfig, chip: ChipSpec, mesh: Mesh3, *, slots: int, shape: RolloutShape,
                        compute_dtype: str = "bfloat16", with_critic: bool = True, actor_epochs: int = 1,
-                       critic_epochs: int = 1, remat: bool = False) -> RooflineEstimate:
-    """Lower-bound time of one ORZ iteration on ``mesh.size`` chips of ``chip``.
+                       critic_epochs: int = 1, remat: bool = False, processes: int = 1) -> RooflineEstimate:
+    """Lower-bound time of one ORZ iteration on ``mesh.size`` chips of ``chip`` (``processes`` hosts).
 
     * prefill: compute bound, 2 * matmul params per prompt token + causal attention, one LM-head
       row per sequence;
-    * decode: ``ceil(n_seqs / slots)`` waves of ``mean_response_len`` steps (a static batch runs until
-      its longest member stops, so the bound ``response_len`` is the honest default). One step on one
-      device reads the policy's weights sharded over ``tensor`` only (FSDP shards are gathered: every
-      device multiplies its own rows by the whole layer) plus its slots' KV at the wave's mean
-      context ``p + r/2``; its time is max(bytes / HBM bandwidth, FLOPs / peak);
+    * decode: every host decodes its ``n_seqs / processes`` sequences in ``ceil(that / slots)`` waves of
+      ``mean_response_len`` steps (a static batch runs until its longest member stops, so the bound
+      ``response_len`` is the honest default), all hosts at once. One step on one device reads the engine's
+      compute-dtype weights (sharded over the serving ``tensor`` axis only; no gathers) plus its slots' KV at
+      the wave's mean context ``p + r/2``; its time is max(bytes / HBM bandwidth, FLOPs / peak);
     * forward passes: 2 * N * tokens (+ attention) for the actor's log-probs and the critic's values;
     * training: 6 * N * tokens (+ 3x attention) per epoch for actor and critic; 8 * N with remat.
       One epoch each by default: ``ppo.{actor,critic}_steps_per_batch`` split the buffer into that
@@ -413,14 +438,16 @@ def roofline_iteration(arch: ArchConfig, chip: ChipSpec, mesh: Mesh3, *, slots: 
     prefill_flops = n * (2.0 * trunk_matmul * p + attention_flops(arch, p) + 2.0 * (actor.matmul - trunk_matmul))
     prefill_s = prefill_flops / peak
 
-    waves = _ceil_div(n, slots)
-    slots_dev = _ceil_div(min(slots, n), mesh.batch_shards)
+    serve = serving_mesh(mesh, processes)
+    n_host = _ceil_div(n, processes)
+    waves = _ceil_div(n_host, slots)
+    slots_dev = _ceil_div(min(slots, n_host), serve.batch_shards)
     ctx = p + r / 2.0
-    kv_heads_dev = arch.num_kv_heads // mesh.tensor if arch.num_kv_heads % mesh.tensor == 0 else arch.num_kv_heads
-    kv_tok_dev = kv_cache_bytes(1, 1, arch.num_layers, kv_heads_dev, arch.resolved_head_dim, compute_dtype)
-    step_bytes = param_bytes(actor.matmul, compute_dtype) / mesh.tensor + slots_dev * ctx * kv_tok_dev
+    kv_tok_dev = kv_cache_bytes(1, 1, arch.num_layers, _kv_heads_per_device(arch, serve.tensor),
+                                arch.resolved_head_dim, compute_dtype)
+    step_bytes = param_bytes(actor.matmul, compute_dtype) / serve.tensor + slots_dev * ctx * kv_tok_dev
     step_flops = slots_dev * (2.0 * actor.matmul + 4.0 * arch.num_layers * arch.num_heads
-                              * arch.resolved_head_dim * ctx) / mesh.tensor
+                              * arch.resolved_head_dim * ctx) / serve.tensor
     t_mem, t_flop = step_bytes / bw, step_flops / chip.peak_flops
     step_s = max(t_mem, t_flop)
     decode_s = waves * r * step_s
@@ -436,9 +463,7 @@ def roofline_iteration(arch: ArchConfig, chip: ChipSpec, mesh: Mesh3, *, slots: 
         train += critic_epochs * (train_mult * critic.matmul * tokens + train_mult / 2.0 * attn)
     return RooflineEstimate(prefill_s=prefill_s, decode_s=decode_s, decode_step_s=step_s, decode_waves=waves,
                             decode_bound="HBM" if t_mem >= t_flop else "FLOPs", forward_s=fwd / peak,
-                            train_s=train / peak, tokens=tokens,
-                            decode_gather_bytes=param_bytes(actor.matmul, compute_dtype) / mesh.tensor
-                            * (mesh.fsdp - 1) / mesh.fsdp)
+                            train_s=train / peak, tokens=tokens)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,15 +486,19 @@ def _dur(s: float) -> str:
 def format_report(arch: ArchConfig, *, name: str, chip: Optional[ChipSpec], mesh: Mesh3, shape: RolloutShape,
                   slots: Optional[int], param_dtype: str = "float32", compute_dtype: str = "bfloat16",
                   master_copy: bool = False, moment_dtype: str = "float32", with_critic: bool = True,
-                  reserve_frac: float = 0.1, remat: bool = False, accelerator: Optional[str] = None) -> str:
+                  reserve_frac: float = 0.1, remat: bool = False, accelerator: Optional[str] = None,
+                  processes: Optional[int] = None) -> str:
     """A plain-text table: parameter counts, per-device memory, and (with a chip) the roofline.
-    ``slots=None``: the largest slot count that fits (needs ``chip``)."""
+    ``slots=None``: the largest slot count per process that fits (needs ``chip``). ``processes``: hosts
+    (default: ``chip.hosts(mesh.size)`` with a chip, else 1)."""
+    if processes is None:
+        processes = chip.hosts(mesh.size) if chip is not None else 1
     mem_kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, master_copy=master_copy,
-                  moment_dtype=moment_dtype, with_critic=with_critic)
+                  moment_dtype=moment_dtype, with_critic=with_critic, processes=processes)
     lines = []
     actor, critic = param_count(arch, "policy"), param_count(arch, "critic")
     where = accelerator or (f"{mesh.size} x {chip.name}" if chip else f"{mesh.size} devices")
-    lines.append(f"== {name} on {where}: mesh {mesh} ==")
+    lines.append(f"== {name} on {where}: mesh {mesh}, {processes} process(es) ==")
     lines.append(f"policy params {actor.total:>16,d}  (embed {actor.embed:,}, lm_head {actor.lm_head:,}, "
                  f"{arch.num_layers} x {actor.per_layer:,} per layer, final norm {actor.final_norm:,})")
     if with_critic:
@@ -482,36 +511,39 @@ def format_report(arch: ArchConfig, *, name: str, chip: Optional[ChipSpec], mesh
     if slots is None:
         if chip is None:
             raise ValueError("slots=None (largest that fits) needs a chip")
-        slots = max_decode_slots(arch, mesh, chip.hbm_bytes, max_len=shape.max_len, cap=shape.n_seqs,
+        slots = max_decode_slots(arch, mesh, chip.hbm_bytes, max_len=shape.max_len, cap=_ceil_div(shape.n_seqs, processes),
                                  reserve_frac=reserve_frac, **mem_kw)
         slot_note = f"largest that fits in {1 - reserve_frac:.0%} of HBM"
     else:
         slot_note = "given"
     m = per_device_memory(arch, mesh, slots=slots, max_len=shape.max_len, **mem_kw)
     lines.append("")
-    lines.append(f"per-device memory (params/optimizer/grads over fsdp*tensor = {mesh.param_shards}; "
-                 f"KV over data*fsdp = {mesh.batch_shards} slot shards, {m.kv_heads_per_device} of "
-                 f"{arch.num_kv_heads} kv heads per device)")
+    lines.append(f"per-device memory (params/optimizer/grads over fsdp*tensor = {mesh.param_shards}; each "
+                 f"process's engine on serving mesh {m.serving}: weights over tensor = {m.serving.tensor}, KV over "
+                 f"{m.serving.batch_shards} slot shards, {m.kv_heads_per_device} of {arch.num_kv_heads} kv heads "
+                 f"per device)")
     rows = [("actor params", m.actor_params), ("actor AdamW state", m.actor_opt), ("actor grads", m.actor_grads)]
     if with_critic:
         rows += [("critic params", m.critic_params), ("critic AdamW state", m.critic_opt),
                  ("critic grads", m.critic_grads)]
-    rows += [("rollout weights (compute-dtype copy of the policy)", m.rollout_weights),
-             (f"KV cache: {slots} slots, {m.slots_per_device}/device x {shape.max_len} positions", m.kv_cache),
+    rows += [("rollout weights (the engine's compute-dtype copy of the policy)", m.rollout_weights),
+             (f"KV cache: {slots} slots per process, {m.slots_per_device}/device x {shape.max_len} positions",
+              m.kv_cache),
              ("= resident: params + AdamW state of both models", m.resident),
              ("= peak in rollout: resident + rollout weights + KV", m.rollout_peak),
              ("= peak in training: resident + grads of one model", m.train_peak)]
     width = 64
     for label, b in rows:
         lines.append(f"  {label:<{width}s}{_gib(b)}")
-    lines.append(f"  (slots: {slot_note}; activations and XLA temporaries are not counted)")
+    lines.append(f"  (slots: {slot_note}; activations and XLA temporaries are not counted: "
+                 f"python -m orz_jax.compile measures them)")
     if chip is not None:
         fits = slots > 0 and m.rollout_peak <= chip.hbm_bytes and m.train_peak <= chip.hbm_bytes
         lines.append(f"  {'HBM per chip (' + chip.name + ')':<{width}s}{_gib(chip.hbm_bytes)}"
                      f"  -> {'fits' if fits else 'DOES NOT FIT'}")
         if slots > 0:
             est = roofline_iteration(arch, chip, mesh, slots=slots, shape=shape, compute_dtype=compute_dtype,
-                                     with_critic=with_critic, remat=remat)
+                                     with_critic=with_critic, remat=remat, processes=processes)
             lines.append("")
             lines.append(f"roofline estimate of one iteration (ideal lower bound, not a measurement; per chip "
                          f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bw / 1e9:.0f} GB/s HBM, "
@@ -527,9 +559,6 @@ def format_report(arch: ArchConfig, *, name: str, chip: Optional[ChipSpec], mesh
             ]
             for label, t in trows:
                 lines.append(f"  {label:<{width}s}{_dur(t)}")
-            if mesh.fsdp > 1:
-                lines.append(f"  (not counted: an FSDP all-gather of the weights every decode step would move "
-                             f"{est.decode_gather_bytes / GIB:.2f} GiB per device over ICI)")
     return "\n".join(lines)
 
 
@@ -542,7 +571,7 @@ def format_comparison(cases: Sequence[tuple[str, str, tuple[int, int, int]]], sh
     """A markdown table, one row per ``(preset, accelerator type, (data, fsdp, tensor))``, each with
     the largest slot count that fits and its roofline iteration time."""
     head = ("| model | slice (chips) | mesh data/fsdp/tensor | params + AdamW / device | grads / device "
-            "| decode slots (per device) | KV cache / device | decode | prefill + forward + train | iteration |")
+            "| decode slots per host (per device) | KV cache / device | decode | prefill + forward + train | iteration |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for preset, accelerator, sizes in cases:
         if preset not in ARCH_PRESETS:
@@ -550,9 +579,10 @@ def format_comparison(cases: Sequence[tuple[str, str, tuple[int, int, int]]], sh
         arch = ARCH_PRESETS[preset]
         chip, chips = parse_accelerator_type(accelerator)
         mesh = resolve_mesh(*sizes, devices=chips)
-        slots = max_decode_slots(arch, mesh, chip.hbm_bytes, max_len=shape.max_len, cap=shape.n_seqs,
-                                 reserve_frac=reserve_frac, **memory_kwargs)
-        m = per_device_memory(arch, mesh, slots=slots, max_len=shape.max_len, **memory_kwargs)
+        hosts = chip.hosts(chips)
+        slots = max_decode_slots(arch, mesh, chip.hbm_bytes, max_len=shape.max_len, cap=_ceil_div(shape.n_seqs, hosts),
+                                 reserve_frac=reserve_frac, processes=hosts, **memory_kwargs)
+        m = per_device_memory(arch, mesh, slots=slots, max_len=shape.max_len, processes=hosts, **memory_kwargs)
         row = [preset, f"{accelerator} ({chips})", f"{mesh.data}/{mesh.fsdp}/{mesh.tensor}",
                f"{m.resident / GIB:.1f} GiB", f"{max(m.actor_grads, m.critic_grads) / GIB:.1f} GiB"]
         if slots == 0:
@@ -560,7 +590,8 @@ def format_comparison(cases: Sequence[tuple[str, str, tuple[int, int, int]]], sh
         else:
             compute_dtype = memory_kwargs.get("compute_dtype", "bfloat16")
             e = roofline_iteration(arch, chip, mesh, slots=slots, shape=shape, compute_dtype=compute_dtype,
-                                   with_critic=memory_kwargs.get("with_critic", True), remat=remat)
+                                   with_critic=memory_kwargs.get("with_critic", True), remat=remat,
+                                   processes=hosts)
             row += [f"{slots} ({m.slots_per_device})", f"{m.kv_cache / GIB:.1f} GiB", _dur(e.decode_s).strip(),
                     _dur(e.prefill_s + e.forward_s + e.train_s).strip(), _dur(e.total_s).strip()]
         lines.append("| " + " | ".join(row) + " |")
@@ -622,7 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--prompt-len", type=int, help="max prompt tokens")
     ap.add_argument("--response-len", type=int, help="max response tokens")
     ap.add_argument("--mean-response-len", type=int, help="mean response tokens for the time estimate")
-    ap.add_argument("--slots", type=int, help="decode slots (KV cache rows) over the mesh; default: the "
+    ap.add_argument("--slots", type=int, help="decode slots (KV cache rows) per process (host); default: the "
                                               "config's rollout.max_concurrent_decodes, else the largest that fits")
     ap.add_argument("--param-dtype", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--compute-dtype", choices=sorted(DTYPE_BYTES))

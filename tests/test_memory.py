@@ -116,8 +116,8 @@ def test_per_device_division():
     assert m.actor_grads == n_actor * 4 // 4
     assert m.critic_params == n_critic * 4 // 4
     assert m.critic_opt == n_critic * 8 // 4
-    # compute dtype differs from param dtype -> a bf16 copy for the decode engine
-    assert m.rollout_weights == n_actor * 2 // 4
+    # the decode engine's bf16 copy is sharded over tensor only (serving layout: no fsdp, so no gathers)
+    assert m.rollout_weights == n_actor * 2 // 2
     # KV: 8 slots over data*fsdp = 4 -> 2 per device; 2 kv heads over tensor = 2 -> 1 per device
     assert (m.slots_per_device, m.kv_heads_per_device) == (2, 1)
     assert m.kv_cache == 32768 // 8
@@ -137,7 +137,27 @@ def test_kv_heads_replicated_when_tensor_does_not_divide():
 def test_master_copy_and_same_dtype():
     m = M.per_device_memory(TINY, M.Mesh3(1, 1, 1), slots=1, max_len=1, param_dtype="bfloat16",
                             compute_dtype="bfloat16", master_copy=True)
-    assert m.actor_params == 139840 * 2 and m.actor_opt == 139840 * 12 and m.rollout_weights == 0
+    assert m.actor_params == 139840 * 2 and m.actor_opt == 139840 * 12 and m.rollout_weights == 139840 * 2
+    assert M.per_device_memory(TINY, M.Mesh3(1, 1, 1), slots=1, max_len=1,
+                               rollout_weight_copy=False).rollout_weights == 0
+
+
+def test_several_processes_serve_from_their_own_chips():
+    # 7B on v5p-32 (data 1, fsdp 4, tensor 4; 4 hosts of 4 chips), as python -m orz_jax.compile measured it:
+    # each host's engine has tensor = gcd(4, 4) = 4, fsdp 1, so all 512 slots of a host sit on each of its
+    # chips with 1 of the 4 kv heads: 68.69 GiB of KV per chip (docs/tpu/README.md).
+    arch = M.ARCH_PRESETS["qwen2.5-7b"]
+    m = M.per_device_memory(arch, M.Mesh3(1, 4, 4), slots=512, max_len=10048, processes=4)
+    assert m.serving == M.Mesh3(1, 1, 4)
+    assert (m.slots_per_device, m.kv_heads_per_device) == (512, 1)
+    assert m.kv_cache == M.kv_cache_bytes(512, 10048, 28, 1, 128, "bfloat16")
+    assert m.rollout_weights == -(-M.num_params(arch) * 2 // 4)
+    # 32B on v5p-128: tensor 8 does not divide a host's 4 chips, gcd = 4
+    assert M.serving_mesh(M.Mesh3(1, 8, 8), processes=16) == M.Mesh3(1, 1, 4)
+    # every host decodes its own share: 8192 / 4 hosts / 512 slots = 4 waves
+    est = M.roofline_iteration(arch, M.CHIPS["v5p"], M.Mesh3(1, 4, 4), slots=512, shape=M.RolloutShape(),
+                               processes=4)
+    assert est.decode_waves == 4
 
 
 def test_max_decode_slots_fills_the_budget():
@@ -218,7 +238,7 @@ def test_report_and_cli(capsys):
     assert "https://cloud.google.com/tpu/docs/v5p" in out
     assert M.main(["--arch", "qwen2.5-0.5b", "--devices", "4", "--slots", "64"]) == 0
     out = capsys.readouterr().out
-    assert "64 slots, 16/device" in out and "roofline" not in out
+    assert "64 slots per process, 16/device" in out and "roofline" not in out
 
 
 def test_cli_reads_a_config(tmp_path, capsys):
@@ -233,7 +253,7 @@ def test_cli_reads_a_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "policy params          139,840" in out
     assert "8 prompts x 4 samples = 32 sequences, prompt <= 128 + response <= 128" in out
-    assert "32 slots, 16/device x 256 positions" in out
+    assert "32 slots per process, 16/device x 256 positions" in out
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -253,7 +273,7 @@ def test_compare_table(capsys):
     assert M.main(["--compare", "qwen2.5-7b:v5p-8:1,4,1", "qwen2.5-32b:v5e-8:1,8,1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and out[0].startswith("| model | slice (chips)")
-    assert out[2].startswith("| qwen2.5-7b | v5p-8 (4) | 1/4/1 | 41.0 GiB | 7.1 GiB | 260 (65) | 34.9 GiB |")
+    assert out[2].startswith("| qwen2.5-7b | v5p-8 (4) | 1/4/1 | 41.0 GiB | 7.1 GiB | 224 (56) | 30.1 GiB |")  # bf16 engine copy replicated over fsdp
     # 32B actor + critic state (~1 TB) cannot sit on 8 x 16 GB chips
     assert "0 (does not fit)" in out[3]
     assert M.main(["--compare", "qwen2.5-7b:v5p-8"]) == 2
