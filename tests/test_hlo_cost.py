@@ -246,7 +246,8 @@ res["nested"] = {"flops": hc.flops, "trips": sorted(l["trips"] for l in hc.loops
 wsh = jax.ShapeDtypeStruct((7, K, K), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, None, "x")))
 c = jax.jit(_nested, out_shardings=rep).lower(jax.ShapeDtypeStruct((M, K), jnp.bfloat16, sharding=rep), wsh).compile()
 hc = analyze_hlo(c.as_text())
-res["coll"] = {"flops": hc.flops, "collectives": hc.collectives}
+res["coll"] = {"flops": hc.flops, "collectives": hc.collectives,
+               "top_fusion": [t for t in hc.top("bytes", 5) if t[2] == "fusion"][0]}
 # loop-free matmul chain: XLA's flops
 a = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("x", None)))
 b = jax.ShapeDtypeStruct((512, 768), jnp.bfloat16, sharding=rep)
@@ -281,6 +282,9 @@ def test_tpu_aot_nested_scans_collectives_and_chain(tmp_path):
     # activation is all-gathered back each inner step (21) and once more for the replicated output
     assert r["coll"]["flops"] == 21 * 2 * M * K * K / 4
     assert r["coll"]["collectives"]["all-gather"] == {"count": 22, "bytes": 22 * M * K * 2}
+    # the inner step's matmul fusion reads the gathered h, ONE layer's [K, K/4] slice of the 7-layer stack (the
+    # dynamic-slice sits in a nested fusion), the s32 index, and writes [M, K/4]: 21 times
+    assert r["coll"]["top_fusion"][4] == 21 * (M * K * 2 + K * K // 4 * 2 + 4 + M * K // 4 * 2)
     ch = r["chain"]
     assert ch["flops"] == 2 * 256 * 512 * 768 + 2 * 256 * 768 * 256  # a quarter of the rows per device
     assert ch["flops"] == ch["xla_flops"]
