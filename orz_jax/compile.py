@@ -314,7 +314,7 @@ def _train_passes(cfg: Config) -> int:
     return 4 if cfg.model.remat != "none" else 3
 
 
-def model_flops(arch, matmul_params: float, tokens: float, attended: float, passes: float) -> float:
+def _model_flops(arch, matmul_params: float, tokens: float, attended: float, passes: float) -> float:
     """Model FLOPs of ``tokens`` tokens: per token and pass 2 x ``matmul_params`` plus causal attention,
     4 x ``attended`` positions (mean over the tokens) x heads x head_dim x layers (QK^T and PV, 2 flops per
     multiply-add). A causal sample of S tokens attends to (S + 1) / 2 positions on average."""
@@ -435,7 +435,7 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         tok_in = jax.ShapeDtypeStruct((1, b), jnp.int32, sharding=srep)
         run(f"prefill[{b}]", engine._prefill_jit, sparams, tok_in, i32(srep),
             calls=per_proc if b == engine.buckets[-1] else 0.0,  # worst case: every prompt in the largest bucket
-            model_flops=model_flops(arch, pc_actor.layers, b, (b + 1) / 2, 1) / tensor,  # last-token logits only
+            model_flops=_model_flops(arch, pc_actor.layers, b, (b + 1) / 2, 1) / tensor,  # last-token logits only
             resident_in_args=serving_b, phase="rollout")
         prefix_abs = jax.eval_shape(engine._prefill_impl, sparams, tok_in, i32(srep))
         prefix_in = with_shardings(prefix_abs, engine._prefix_shardings)
@@ -445,7 +445,7 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     run("init_decode_state", engine._init_jit, calls=waves, resident_in_args=kv_b, phase="rollout")
     slots_dev = slots / (serve_shape["data"] * serve_shape["fsdp"])
     # one token per slot, attending over the whole cache (the compiled step reads every position, masked)
-    decode_model = model_flops(arch, pc_actor.matmul, slots_dev, engine.max_len, 1) / serve_shape["tensor"]
+    decode_model = _model_flops(arch, pc_actor.matmul, slots_dev, engine.max_len, 1) / serve_shape["tensor"]
     if cfg.rollout.driver == "orchestrator":
         run("decode", engine._generate_jit, sparams, state_in, static=(engine.sampling,), calls=decode_steps,
             model_flops=decode_model, resident_in_args=serving_b + kv_b, phase="rollout")
@@ -491,7 +491,7 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     attended = (seq + 1) / 2  # causal within each sample
 
     def ppo_model(pc, passes):
-        return model_flops(arch, pc.matmul, sample_tokens_dev, attended, passes) / tensor
+        return _model_flops(arch, pc.matmul, sample_tokens_dev, attended, passes) / tensor
 
     fwd_model = ppo_model(pc_actor, 1) + ppo_model(pc_critic, 1)
     run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in,
