@@ -49,6 +49,9 @@ res["one_host"] = dataclasses.asdict(compile_run(cfg, parse_topology("v5p:2x2x1"
 # two hosts (v5p:2x2x2 = 8 chips, 4 per host): the engine serves from one host's devices
 res["two_hosts"] = dataclasses.asdict(compile_run(load_config(cfg_path, ["mesh.tensor=2"]), parse_topology("v5p:2x2x2"), log=lambda s: None,
                                                   only=["decode", "weight_sync", "actor_step"]))
+# the batched driver's decode: a while_loop that stops early, its count unknown to the HLO (hint: check_every)
+res["batched"] = dataclasses.asdict(compile_run(load_config(cfg_path, ["rollout.driver=batched", "rollout.check_every=8"]),
+                                                parse_topology("v5p:2x2x1"), log=lambda s: None, only=["decode"]))
 # an unscanned sharded matmul: compiled FLOPs / bytes against 2*M*N*K and the operand sizes
 devs = topology_devices(parse_topology("v5p:2x2x1"))
 mesh = Mesh(np.asarray(devs).reshape(4), ("x",))
@@ -132,6 +135,17 @@ def test_two_host_topology_serves_from_local_devices(compiled):
     assert "all-gather" in progs["weight_sync"]["collectives"]
     params_total = r["resident"]["actor_state"] * 8 / 3  # params + 2 Adam moments, all float32, over 8 devices
     assert progs["weight_sync"]["calls_per_iteration"] * 256 * 64 * 4 == pytest.approx(params_total, rel=0.05)
+
+
+def test_batched_decode_loop_is_unknown_and_counted_check_every_times(compiled):
+    (d,) = compiled[0]["batched"]["programs"]
+    assert d["name"] == "decode" and len(d["unknown_loops"]) == 1 and d["unknown_trips"] == 8
+    assert [(loop["trips"], loop["known"]) for loop in d["loops"]] == [(8, False)]
+    # 8 steps of the one-step program's work: compiled FLOPs against the model's 8 x (2N + attention over the
+    # cache) per slot, the same ratio as the orchestrator's one-step decode
+    one = _by_name(compiled[0]["one_host"])["decode"]
+    assert d["model_flops"] == pytest.approx(8 * one["model_flops"])
+    assert d["flops"] == pytest.approx(8 * one["flops"], rel=0.02)
 
 
 def test_unscanned_matmul_figures_are_exact(compiled):
