@@ -1,8 +1,8 @@
 """FLOPs, bytes accessed and collectives of a compiled XLA program, with every loop body counted as often as it runs.
 
 XLA's ``compiled.cost_analysis()`` counts a ``while`` body ONCE. ORZ's programs nest loops (the decoder layers are
-a ``lax.scan`` inside the micro-batch scan, the LM-head loss a chunk scan inside that), so its figures can be
-~100x short. :func:`analyze_hlo` reads the compiled (post-optimisation) HLO text, ``compiled.as_text()``, and
+a ``lax.scan`` inside the micro-batch scan, the LM-head loss a chunk scan inside that), so its figures are orders
+of magnitude short (0.5B ``actor_step`` on v5p-8: 5.2 TFLOP per device against 232,428 with the trips). :func:`analyze_hlo` reads the compiled (post-optimisation) HLO text, ``compiled.as_text()``, and
 multiplies every instruction by the product of the trip counts of the loops around it.
 
 Trip counts. The CPU compiler writes ``backend_config={..."known_trip_count":{"n":"7"}...}`` on a ``while``; the
@@ -16,17 +16,22 @@ a ``fori_loop`` with a traced bound) is listed in ``unknown_loops``, and its bod
 What is counted (per device, the program is SPMD-partitioned):
 
 * ``flops``: 2 x multiply-adds of ``dot`` and ``convolution`` (the TPU compiler writes matmuls as convolutions
-  inside fusions; ``dim_labels`` / ``window`` are read as XLA's ``HloCostAnalysis`` does, padding included), plus
-  the ``cost_estimate`` flops of Pallas/Mosaic ``tpu_custom_call`` kernels. Elementwise arithmetic, reductions and
-  transcendentals are NOT counted (XLA counts one flop per elementwise output element): on a loop-free program of
-  matmuls the two agree exactly; on a transformer the gap is the norms / softmax / activations, ~1%.
+  inside fusions, a batched matmul as a convolution over the batch with an lhs-dilated window; ``dim_labels`` /
+  ``window`` are read as XLA's ``HloCostAnalysis`` does, padding included), plus the ``cost_estimate`` of Pallas
+  kernels (libtpu keeps it in the ``tpu_custom_call``'s backend_config, ``"cost_estimate":{"flops":"12345",
+  "transcendentals":"0","bytes_accessed":"678",...}``; its bytes count as the call's bytes). Elementwise
+  arithmetic, reductions and transcendentals are NOT counted (XLA counts one flop per elementwise output
+  element): on loop-free matmul programs the two agree exactly; on a transformer the gap is the norms / softmax
+  / activations, small beside the matmuls. The TPU compiler rewrites very small dots (a few dozen wide) as
+  multiply + reduce: those fall out of the count, as they do of any matmul count.
 * ``bytes_accessed``: XLA's convention: operands + results of every top-level instruction (a fusion counts its
   operands and outputs, not its internals), skipping no-ops (parameter, tuple, get-tuple-element, bitcast,
   constant, control flow itself, the ``-done`` half of async pairs). A fusion operand read only through a
   ``dynamic-slice`` counts the slice (one layer of a stacked weight per scan step, not the whole stack); a
   ``dynamic-update-slice`` in place counts its update written, not the buffer. On CPU these equal XLA's
-  ``bytes accessed`` on loop-free programs (tests/test_hlo_cost.py). Layout padding is not counted (XLA's TPU figure includes
-  tile padding, so it reads higher on small or oddly shaped arrays).
+  ``bytes accessed`` on loop-free programs (tests/test_hlo_cost.py). On TPU XLA's figure runs 2-3x higher on a
+  lone matmul: it includes tile padding and models re-reads per output tile of a matmul fusion, where this
+  module counts each operand and result once.
 * ``collectives``: ``{op: {"count", "bytes"}}``, bytes = the op's result per device (an async ``-start`` counts
   its output buffer once), each multiplied by its loops' trips. The TPU compiler writes a reduce-scatter as a
   fusion calling ``all-reduce-scatter``: counted as ``reduce-scatter`` with the fusion's (scattered) result.

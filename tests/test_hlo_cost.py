@@ -262,6 +262,20 @@ y = jax.ShapeDtypeStruct((3, 24, 64), jnp.bfloat16, sharding=rep)
 c = jax.jit(lambda x, y: jnp.einsum("bqd,bkd->bqk", x, y)).lower(x, y).compile()
 res["bmm"] = {"flops": analyze_hlo(c.as_text()).flops, "xla_flops": c.cost_analysis()["flops"],
               "window": "lhs_dilate" in c.as_text()}
+# a Pallas kernel with a CostEstimate, called in a scan of 3: libtpu keeps the estimate in the tpu_custom_call's
+# backend_config (as strings: {"flops":"12345",...})
+from jax.experimental import pallas as pl
+def kern(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2.0
+def scaled(x):
+    return pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          cost_estimate=pl.CostEstimate(flops=12345, transcendentals=0, bytes_accessed=678))(x)
+one_dev = NamedSharding(Mesh(np.asarray(devs[:1]), ("x",)), P())
+xs = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=one_dev)
+c = jax.jit(lambda x: jax.lax.scan(lambda h, _: (scaled(h), None), x, None, length=3)[0]).lower(xs).compile()
+hc = analyze_hlo(c.as_text())
+res["pallas"] = {"flops": hc.flops, "xla_flops": c.cost_analysis()["flops"],
+                 "kernel_bytes": sum(t[4] for t in hc.top("bytes", 50) if t[2] == "custom-call")}
 json.dump(res, open(sys.argv[1], "w"))
 """
 
@@ -293,4 +307,6 @@ def test_tpu_aot_nested_scans_collectives_and_chain(tmp_path):
     # lhs counted 4x, its output 7x) where this module counts operands + results once
     a_, b_, d_, out_ = 256 * 512 * 2, 512 * 768 * 2, 768 * 256 * 2, 256 * 256 * 2
     assert a_ + b_ + d_ + out_ <= ch["bytes"] <= ch["xla_bytes"]
+    assert r["pallas"]["flops"] == 3 * 12345 and r["pallas"]["kernel_bytes"] == 3 * 678
+    assert 12345 <= r["pallas"]["xla_flops"] < 2 * 12345  # XLA: the body once (+ the loop counter's scalar ops)
     assert r["bmm"] == {"flops": 2 * 3 * 40 * 24 * 64, "xla_flops": 2 * 3 * 40 * 24 * 64, "window": True}
