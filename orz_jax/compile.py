@@ -21,14 +21,17 @@ gives them:
 * ``prepare_batch`` (old log-probs and values + advantages), ``critic_step``, ``actor_step`` on the worst
   case buffer (every sample of maximal length, one sample per row unless two fit: ``memory.py``'s bound).
 
-Per program: per-device argument / output / alias / temporary bytes (``memory_analysis``), FLOPs and bytes
-accessed (``cost_analysis``), the collectives of the compiled HLO with their result bytes, compile time.
-
-CAUTION on costs: XLA's ``cost_analysis`` (and the collectives read from the HLO) count a while-loop body
-ONCE. The PPO steps scan over mini-batches and micro-batches and the packed forwards map over micro-batches,
-so the compiled figures are per loop body; the tool multiplies them by the known trip count ("x trips",
-an upper bound: the optimizer update, once per mini-batch, is multiplied by the micro-batch count too) and
-prints the model FLOPs (matmul parameters x tokens x 2 / 6 / 8) beside them.
+Per program: per-device argument / output / alias / temporary bytes (``memory_analysis``), compile time, and
+FLOPs, bytes accessed and collectives (with their result bytes) from ``orz_jax.hlo_cost``'s reading of the
+compiled HLO, every loop body multiplied by its trip count (the PPO steps scan over mini-batches and
+micro-batches, the decoder layers are a scan inside those, the loss a chunk scan). XLA's own
+``cost_analysis`` counts a while-loop body ONCE; its raw figures stay in the JSON as
+``xla_cost_analysis_loop_bodies_once``. A loop whose count the HLO does not fix (the batched driver's decode
+``while_loop``, which stops early) is listed and counted ``unknown_trips`` times (an upper bound: ``check_every``).
+Beside the compiled FLOPs: model FLOPs per device, matmul parameters x tokens x 2 per pass plus causal
+attention (4 x attended positions x heads x head_dim x layers per token and pass); passes = 1 for
+prepare_batch / prefill / decode (decode attends over the whole cache), 3 for a train step, 4 with remat
+(the forward recomputed); and the compiled / model ratio.
 
 For the run: resident bytes per device (both train states, the engine's serving copy when it has one,
 the KV cache during rollouts) and each program's phase peak (resident + its arguments, outputs and
@@ -51,6 +54,7 @@ import time
 import types
 from typing import Any, Optional, Sequence
 
+from orz_jax.hlo_cost import COLLECTIVES, analyze_hlo  # noqa: F401  (COLLECTIVES: re-exported)
 from orz_jax.config import (Config, ConfigError, check_against_mesh, load_config, resolve_mesh_shape,
                             serving_mesh_shape)
 from orz_jax.memory import CHIPS, GIB, ChipSpec, RolloutShape, param_count, roofline_iteration
@@ -66,9 +70,6 @@ CHIP_ICI = {"v4": 2400e9 / 8, "v5e": 1600e9 / 8, "v5p": 4800e9 / 8, "v6e": 3584e
 HBM_BYTES = {"v5p": 95 * GIB}
 # The name libtpu's topology descriptions use for each chip.
 _TOPO_PREFIX = {"v4": "v4", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
-                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
 
 
 class CompileCheckError(RuntimeError):
@@ -141,34 +142,10 @@ def topology_devices(topo: Topology, num_slices: int = 1) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def _shape_bytes(text: str) -> list[int]:
-    """Bytes of every array shape in an HLO shape string, e.g. ``(bf16[4,896]{1,0}, f32[2])``."""
-    out = []
-    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-        if dtype in _DTYPE_BYTES:
-            out.append(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d))
-    return out
-
-
-_COLL_RE = re.compile(r"=\s*(\([^=]*?\)|[a-z]+\d*\[[\d,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES)
-                      + r")(-start)?\(")
-
-
-def hlo_collectives(hlo: str) -> dict[str, dict[str, int]]:
-    """{op: {"count", "bytes"}} of the collectives in compiled HLO text; bytes = the op's result per device
-    (an async ``-start`` counts its output buffer once; ``-done`` is skipped). Loop bodies count once."""
-    out: dict[str, dict[str, int]] = {}
-    for shape, op, start in _COLL_RE.findall(hlo):
-        sizes = _shape_bytes(shape)
-        if not sizes:
-            continue
-        # async tuples hold (operands..., results..., scratch): all-reduce results = operands, so sum half;
-        # gathers / permutes: the largest buffer is the result.
-        b = (sum(sizes) // 2 if op == "all-reduce" else max(sizes)) if (start and len(sizes) > 1) else sum(sizes)
-        d = out.setdefault(op, {"count": 0, "bytes": 0})
-        d["count"] += 1
-        d["bytes"] += b
-    return out
+def hlo_collectives(hlo: str) -> dict[str, dict[str, float]]:
+    """{op: {"count", "bytes"}} of the collectives in compiled HLO text, per device, loop trip counts applied
+    (``orz_jax.hlo_cost``; an async ``-start`` counts its output buffer once, ``-done`` is skipped)."""
+    return analyze_hlo(hlo).collectives
 
 
 @dataclasses.dataclass
@@ -180,13 +157,15 @@ class ProgramReport:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
-    flops: float  # compiled, loop bodies once
-    bytes_accessed: float  # compiled, loop bodies once
-    transcendentals: float
-    collectives: dict
-    trips: int = 1  # loop-body executions the compiled costs are scaled by (see the module docstring)
+    flops: float  # compiled HLO per device per call, loop trip counts applied (orz_jax.hlo_cost)
+    bytes_accessed: float  # the same, XLA's operands + results convention
+    collectives: dict  # {op: {"count", "bytes"}} per device per call, trip counts applied
+    xla_cost_analysis_loop_bodies_once: dict = dataclasses.field(default_factory=dict)  # raw cost_analysis()
+    loops: list = dataclasses.field(default_factory=list)  # [{"name", "trips", "known", "times"}]
+    unknown_loops: list = dataclasses.field(default_factory=list)  # loops counted unknown_trips times
+    unknown_trips: int = 1  # the hint for loops whose trip count the HLO does not fix
     calls_per_iteration: float = 1.0
-    model_flops: Optional[float] = None  # per device per call, matmul parameters x tokens x 2 / 6 / 8
+    model_flops: Optional[float] = None  # per device per call: 2N per token per pass + causal attention
     resident_in_args: int = 0  # argument bytes that are resident state (not added twice to the peak)
     phase: str = ""
     peak_bytes: int = 0
@@ -198,8 +177,9 @@ class ProgramReport:
         return sum(v["bytes"] for v in self.collectives.values())
 
 
-def compile_program(name: str, jitted, *args, static: Sequence[Any] = ()) -> ProgramReport:
-    """Lower ``jitted(*args, *static)`` (abstract args with shardings) and compile it for their devices."""
+def compile_program(name: str, jitted, *args, static: Sequence[Any] = (), unknown_trips: int = 1) -> ProgramReport:
+    """Lower ``jitted(*args, *static)`` (abstract args with shardings) and compile it for their devices; costs from
+    its HLO with loop trip counts applied (``unknown_trips``: the count for loops the HLO leaves open)."""
     t0 = time.perf_counter()
     try:
         compiled = jitted.lower(*args, *static).compile()
@@ -212,12 +192,15 @@ def compile_program(name: str, jitted, *args, static: Sequence[Any] = ()) -> Pro
     if isinstance(ca, (list, tuple)):  # older JAX: one dict per device program
         ca = ca[0] if ca else {}
     ca = ca or {}
+    hc = analyze_hlo(compiled.as_text(), unknown_trips=unknown_trips)
     return ProgramReport(
         name=name, compile_s=dt, argument_bytes=int(ma.argument_size_in_bytes), output_bytes=int(ma.output_size_in_bytes),
         alias_bytes=int(ma.alias_size_in_bytes), temp_bytes=int(ma.temp_size_in_bytes),
-        code_bytes=int(ma.generated_code_size_in_bytes), flops=float(ca.get("flops", 0.0)),
-        bytes_accessed=float(ca.get("bytes accessed", 0.0)), transcendentals=float(ca.get("transcendentals", 0.0)),
-        collectives=hlo_collectives(compiled.as_text()))
+        code_bytes=int(ma.generated_code_size_in_bytes), flops=hc.flops, bytes_accessed=hc.bytes_accessed,
+        collectives=hc.collectives,
+        xla_cost_analysis_loop_bodies_once={k: float(ca[k]) for k in ("flops", "bytes accessed", "transcendentals")
+                                            if k in ca},
+        loops=hc.loops, unknown_loops=hc.unknown_loops, unknown_trips=unknown_trips)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,10 +309,17 @@ class RunReport:
     failures: list
 
 
-def _actor_flops_mult(cfg: Config, train: bool) -> float:
-    if not train:
-        return 2.0
-    return 8.0 if cfg.model.remat != "none" else 6.0
+def _train_passes(cfg: Config) -> int:
+    """Forward-equivalent passes of a train step: forward + backward (2x), plus the forward again under remat."""
+    return 4 if cfg.model.remat != "none" else 3
+
+
+def _model_flops(arch, matmul_params: float, tokens: float, attended: float, passes: float) -> float:
+    """Model FLOPs of ``tokens`` tokens: per token and pass 2 x ``matmul_params`` plus causal attention,
+    4 x ``attended`` positions (mean over the tokens) x heads x head_dim x layers (QK^T and PV, 2 flops per
+    multiply-add). A causal sample of S tokens attends to (S + 1) / 2 positions on average."""
+    attn = 4.0 * attended * arch.num_heads * arch.resolved_head_dim * arch.num_layers
+    return passes * tokens * (2.0 * matmul_params + attn)
 
 
 def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional[int] = None,
@@ -404,10 +394,9 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
                jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rep), jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep)]
 
     shards = _batch_shards(mesh)
-    micro = cfg.ppo.micro_batch_rows
-    tokens_dev = buf.rows * buf.pack_len / shards  # tokens each batch shard processes per pass
     pc_actor = param_count(cfg.model.arch, "policy")
     pc_critic = param_count(cfg.model.arch, "critic")
+    arch = cfg.model.arch
     tensor = mesh_shape["tensor"]
     slots = cfg.rollout.max_concurrent_decodes
     per_proc = buf.samples_per_process
@@ -417,23 +406,27 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     programs: list[ProgramReport] = []
     failures: list[str] = []
 
-    def run(name, jitted, *args, static=(), trips=1, calls=1.0, model_flops=None, resident_in_args=0, phase=""):
+    def run(name, jitted, *args, static=(), unknown_trips=1, calls=1.0, model_flops=None, resident_in_args=0,
+            phase=""):
         if not want(name):
             return None
         log(f"compiling {name} ...")
         try:
-            p = compile_program(name, jitted, *args, static=static)
+            p = compile_program(name, jitted, *args, static=static, unknown_trips=unknown_trips)
         except CompileCheckError as e:
             failures.append(str(e))
             log(f"  FAILED: {e}")
             return None
-        p.trips, p.calls_per_iteration, p.model_flops = trips, calls, model_flops
+        p.calls_per_iteration, p.model_flops = calls, model_flops
         p.resident_in_args, p.phase = resident_in_args, phase
         programs.append(p)
         # the whole row as soon as it is known: a long run that is stopped still leaves its figures
         log(f"  {name}: compile {p.compile_s:.1f} s; per device args {p.argument_bytes / GIB:.3f} GiB, out "
             f"{p.output_bytes / GIB:.3f}, alias {p.alias_bytes / GIB:.3f}, temp {p.temp_bytes / GIB:.3f} GiB; "
-            f"compiled {p.flops:.4g} FLOPs, {p.bytes_accessed:.4g} bytes (loop bodies once; trips {trips}); "
+            f"compiled {p.flops:.4g} FLOPs, {p.bytes_accessed:.4g} bytes (HLO, loop trips applied"
+            + (f"; {len(p.unknown_loops)} loop(s) of unknown count x {unknown_trips}" if p.unknown_loops else "")
+            + f"; model {model_flops or 0:.4g}; XLA cost_analysis, loop bodies once: "
+            f"{p.xla_cost_analysis_loop_bodies_once.get('flops', 0):.4g} FLOPs); "
             f"collectives {json.dumps(p.collectives)}")
         return p
 
@@ -442,7 +435,8 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         tok_in = jax.ShapeDtypeStruct((1, b), jnp.int32, sharding=srep)
         run(f"prefill[{b}]", engine._prefill_jit, sparams, tok_in, i32(srep),
             calls=per_proc if b == engine.buckets[-1] else 0.0,  # worst case: every prompt in the largest bucket
-            model_flops=2.0 * pc_actor.layers * b / tensor, resident_in_args=serving_b, phase="rollout")
+            model_flops=_model_flops(arch, pc_actor.layers, b, (b + 1) / 2, 1) / tensor,  # last-token logits only
+            resident_in_args=serving_b, phase="rollout")
         prefix_abs = jax.eval_shape(engine._prefill_impl, sparams, tok_in, i32(srep))
         prefix_in = with_shardings(prefix_abs, engine._prefix_shardings)
         run(f"insert[{b}]", engine._insert_jit, prefix_in, state_in, i32(srep), key_in, i32(srep), i32(srep),
@@ -450,13 +444,14 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     # its output is the resident KV cache itself: counted once in the phase peak
     run("init_decode_state", engine._init_jit, calls=waves, resident_in_args=kv_b, phase="rollout")
     slots_dev = slots / (serve_shape["data"] * serve_shape["fsdp"])
-    decode_model = slots_dev * 2.0 * pc_actor.matmul / serve_shape["tensor"]
+    # one token per slot, attending over the whole cache (the compiled step reads every position, masked)
+    decode_model = _model_flops(arch, pc_actor.matmul, slots_dev, engine.max_len, 1) / serve_shape["tensor"]
     if cfg.rollout.driver == "orchestrator":
         run("decode", engine._generate_jit, sparams, state_in, static=(engine.sampling,), calls=decode_steps,
             model_flops=decode_model, resident_in_args=serving_b + kv_b, phase="rollout")
     else:
         k = cfg.rollout.check_every
-        run("decode", engine._steps_jit, sparams, state_in, static=(k, engine.sampling), trips=k,
+        run("decode", engine._steps_jit, sparams, state_in, static=(k, engine.sampling), unknown_trips=k,
             calls=decode_steps / k, model_flops=decode_model * k, resident_in_args=serving_b + kv_b, phase="rollout")
         mask_in = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=srep)
         run("release", engine._release_jit, state_in, mask_in, calls=decode_steps / k, resident_in_args=kv_b,
@@ -490,17 +485,22 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
             run("weight_sync", sync, actor_in.params, resident_in_args=actor_param_b, phase="weight_sync")
 
     # -- PPO ---------------------------------------------------------------------------------------
-    parts = buf.rows // min(micro, buf.rows)
-    fwd_model = 2.0 * (pc_actor.matmul + pc_critic.matmul) * tokens_dev / tensor
-    run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in, trips=parts,
+    # the worst-case buffer's real tokens per batch shard: per_row samples of prompt + response per row
+    seq = min(buf.pack_len, cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
+    sample_tokens_dev = buf.rows * min(buf.pack_len, buf.per_row * seq) / shards
+    attended = (seq + 1) / 2  # causal within each sample
+
+    def ppo_model(pc, passes):
+        return _model_flops(arch, pc.matmul, sample_tokens_dev, attended, passes) / tensor
+
+    fwd_model = ppo_model(pc_actor, 1) + ppo_model(pc_critic, 1)
+    run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in,
         # only the parameters are read: jit prunes the unused optimizer states from the arguments
         model_flops=fwd_model, resident_in_args=actor_param_b + per_device_bytes(critic_in.params), phase="prepare")
     if cfg.ppo.critic_steps_per_batch > 0:
-        run("critic_step", fns.critic_step, critic_in, batch_in, trips=buf.rows // micro,
-            model_flops=_actor_flops_mult(cfg, True) * pc_critic.matmul * tokens_dev / tensor,
+        run("critic_step", fns.critic_step, critic_in, batch_in, model_flops=ppo_model(pc_critic, _train_passes(cfg)),
             resident_in_args=critic_b, phase="critic_update")
-    run("actor_step", fns.actor_step, actor_in, batch_in, trips=buf.rows // micro,
-        model_flops=_actor_flops_mult(cfg, True) * pc_actor.matmul * tokens_dev / tensor,
+    run("actor_step", fns.actor_step, actor_in, batch_in, model_flops=ppo_model(pc_actor, _train_passes(cfg)),
         resident_in_args=actor_b, phase="actor_update")
 
     # -- memory and roofline ----------------------------------------------------------------------
@@ -514,9 +514,9 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         live = base + (kv_b if p.phase == "rollout" else 0)
         p.peak_bytes = int(live - p.resident_in_args + p.argument_bytes + p.output_bytes - p.alias_bytes
                            + p.temp_bytes)
-        t_flop = p.flops * p.trips / chip.peak_flops
-        t_hbm = p.bytes_accessed * p.trips / chip.hbm_bw
-        t_ici = p.collective_bytes * p.trips / ici
+        t_flop = p.flops / chip.peak_flops  # HLO costs: loop trip counts already applied
+        t_hbm = p.bytes_accessed / chip.hbm_bw
+        t_ici = p.collective_bytes / ici
         p.roofline_s = max(t_flop, t_hbm, t_ici)
         p.bound = ("FLOPs", "HBM", "ICI")[[t_flop, t_hbm, t_ici].index(p.roofline_s)]
         ph = phases.setdefault(p.phase, {"peak_bytes": 0, "peak_program": "", "roofline_s": 0.0})
@@ -578,18 +578,24 @@ def format_report(r: RunReport) -> str:
              f"buffer: {r.buffer['samples']} samples, {r.buffer['rows']} rows x {r.buffer['pack_len']} tokens "
              f"(worst case: {r.buffer['per_row']} sample(s) per row); decode {r.buffer['decode_steps']} steps per "
              f"process ({r.buffer['decode_waves_per_process']} wave(s) x max_response_len)",
-             "per device, GiB (memory_analysis); FLOPs / bytes: compiled x trips (cost_analysis counts loop "
-             "bodies once); model = matmul params x tokens x 2 (fwd) / 6 / 8 (remat)",
+             "per device, GiB (memory_analysis); TFLOP / GB acc / coll GB: compiled HLO with loop trip counts "
+             "applied (orz_jax.hlo_cost); model = 2N per token per pass + causal attention (x1 forward, x3 train, "
+             "x4 train with remat); c/m = compiled / model; XLA = cost_analysis TFLOP, loop bodies once",
              f"{'program':22s} {'compile':>8s} {'args':>8s} {'out':>8s} {'alias':>8s} {'temp':>8s} {'peak':>8s} "
-             f"{'trips':>6s} {'TFLOP':>9s} {'model':>9s} {'GB acc':>9s} {'coll GB':>8s} {'roofline':>10s} bound  collectives"]
+             f"{'TFLOP':>9s} {'model':>9s} {'c/m':>5s} {'XLA':>9s} {'GB acc':>9s} {'coll GB':>8s} {'roofline':>10s} "
+             f"bound  collectives"]
     for p in r.programs:
         coll = ", ".join(f"{k} {v['count']}x {v['bytes'] / 1e6:.1f} MB" for k, v in sorted(p["collectives"].items()))
         mf = f"{p['model_flops'] / 1e12:9.3f}" if p["model_flops"] else f"{'-':>9s}"
+        ratio = f"{p['flops'] / p['model_flops']:5.2f}" if p["model_flops"] else f"{'-':>5s}"
+        xla = p["xla_cost_analysis_loop_bodies_once"].get("flops", 0.0)
+        if p["unknown_loops"]:
+            coll = f"[{len(p['unknown_loops'])} loop(s) of unknown count, x{p['unknown_trips']}] " + coll
         lines.append(
             f"{p['name']:22s} {p['compile_s']:7.1f}s {_g(p['argument_bytes'])} {_g(p['output_bytes'])} "
-            f"{_g(p['alias_bytes'])} {_g(p['temp_bytes'])} {_g(p['peak_bytes'])} {p['trips']:6d} "
-            f"{p['flops'] * p['trips'] / 1e12:9.3f} {mf} {p['bytes_accessed'] * p['trips'] / 1e9:9.2f} "
-            f"{p['collective_bytes'] * p['trips'] / 1e9:8.2f} {_dur(p['roofline_s']):>10s} {p['bound']:5s}  {coll}")
+            f"{_g(p['alias_bytes'])} {_g(p['temp_bytes'])} {_g(p['peak_bytes'])} "
+            f"{p['flops'] / 1e12:9.3f} {mf} {ratio} {xla / 1e12:9.3f} {p['bytes_accessed'] / 1e9:9.2f} "
+            f"{p['collective_bytes'] / 1e9:8.2f} {_dur(p['roofline_s']):>10s} {p['bound']:5s}  {coll}")
     lines.append("resident per device (abstract shapes x shardings): " + ", ".join(
         f"{k} {v / GIB:.2f} GiB (memory.py {r.memory_py_resident[k] / GIB:.2f})" for k, v in r.resident.items()))
     lines.append(f"phases (peak per device vs {hbm / GIB:.2f} GiB HBM of a {r.chip['name']} chip; roofline per "
