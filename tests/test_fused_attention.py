@@ -270,7 +270,8 @@ tr.splash_attention = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
 cfg = load_config(sys.argv[1], ["model.splash_block_q=128", "model.splash_block_kv=256",
                                 "model.splash_block_kv_compute=128"])  # auto: splash on the TPU mesh
 rep = compile_run(cfg, parse_topology("v5p:2x2x1"), only=["actor_step", "critic_step"], log=lambda s: None)
-json.dump({"failures": rep.failures, "programs": [p.name for p in rep.programs], "calls": len(calls)},
+progs = [p if isinstance(p, dict) else p.__dict__ for p in rep.programs]
+json.dump({"failures": rep.failures, "programs": {p["name"]: p for p in progs}, "calls": len(calls)},
           open(sys.argv[2], "w"))
 """
 
@@ -288,6 +289,7 @@ def test_splash_train_steps_compile_for_v5p(tmp_path):
     import json
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["failures"] == [] and set(res["programs"]) == {"actor_step", "critic_step"}, res
+    print({k: (p["flops"] * p["trips"], p["model_flops"], p["compile_s"]) for k, p in res["programs"].items()})
     assert res["calls"] >= 2, res  # 'auto' resolved to splash for both models' traces on the TPU mesh
 
 
@@ -328,3 +330,14 @@ def test_config_errors_name_the_key():
         load_config(None, ["model.arch.num_layers=1", "model.attention_impl=splash", "ppo.pack_len=640"])
     with pytest.raises(ConfigError, match=r"model\.attention_impl"):
         load_config(None, ["model.arch.num_layers=1", "model.attention_impl=flash"])
+
+
+def test_trainer_start_up_refuses_a_kernel_on_the_wrong_platform():
+    """Before any device work: check_inputs resolves the kernel against the mesh's platform (the CPU here)."""
+    from orz_jax.trainer import check_inputs
+
+    base = ["model.arch.num_layers=1", "data.source=synthetic"]
+    check_inputs(load_config(None, base))  # auto -> xla on this CPU
+    for impl in ("splash", "cudnn"):
+        with pytest.raises(ConfigError, match=rf"^model\.attention_impl: '{impl}' .* the mesh's devices are 'cpu'"):
+            check_inputs(load_config(None, base + [f"model.attention_impl={impl}"]))
