@@ -764,10 +764,13 @@ def resolve_attention_impl(impl: str, platform: str, interpret: bool = False) ->
 
 
 def check_attention(cfg: Config, platform: str) -> str:
-    """Start-up check of the training attention on devices of ``platform``: the resolved implementation, or a
-    one-line ConfigError (a kernel on the wrong platform; ppo.pack_len not a multiple of the splash blocks)."""
+    """Start-up check of the training attention on devices of ``platform``: the implementation the training rows
+    (``ppo.pack_len`` tokens) get, or a one-line ConfigError (a kernel named on the wrong platform; splash named
+    with a ``ppo.pack_len`` its tiles do not divide). ``auto`` takes the XLA path for rows splash cannot tile
+    (e.g. the demo's 88-token rows on a TPU), as ``AttentionSpec.resolve`` does at trace time."""
     impl = resolve_attention_impl(cfg.model.attention_impl, platform)
-    if impl == "splash":
-        _check(splash_blocks(splash_tiles(cfg.model), cfg.ppo.pack_len) is not None, "ppo.pack_len",
+    if impl == "splash" and splash_blocks(splash_tiles(cfg.model), cfg.ppo.pack_len) is None:
+        _check(cfg.model.attention_impl == "auto", "ppo.pack_len",
                splash_blocks_problem(splash_tiles(cfg.model), cfg.ppo.pack_len, "ppo.pack_len"))
+        return "xla"
     return impl

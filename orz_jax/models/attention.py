@@ -51,6 +51,14 @@ class AttentionSpec:
     def from_config(cls, m: ModelConfig) -> "AttentionSpec":
         return cls(impl=m.attention_impl, splash_tiles=splash_tiles(m))
 
+    def resolve(self, seq: int, mesh: Optional[Mesh] = None) -> str:
+        """The implementation for rows of ``seq`` tokens on ``mesh`` (default: the one traced under). ``auto``
+        takes the XLA path for rows the splash tiles do not divide; a named ``splash`` raises there instead."""
+        impl = resolve_impl(self.impl, mesh)
+        if impl == "splash" and self.impl == "auto" and splash_blocks(self.splash_tiles, seq) is None:
+            return "xla"
+        return impl
+
 
 @contextlib.contextmanager
 def pallas_interpret():

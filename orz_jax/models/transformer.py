@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig
-from orz_jax.models.attention import AttentionSpec, cudnn_attention, resolve_impl, splash_attention
+from orz_jax.models.attention import AttentionSpec, cudnn_attention, splash_attention
 from orz_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -189,7 +189,7 @@ class Attention(nnx.Module):
             # Moving q / k / v costs [seq, head_dim] per head, not [q, k].
             qh = qg.transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, group, q, head_dim]
             kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, k, head_dim]
-            impl = resolve_impl(self.attention.impl)  # by the platform of the mesh traced under
+            impl = self.attention.resolve(s)  # by the platform of the mesh traced under
             if impl == "splash":
                 out = splash_attention(qh, kh, vh, segment_ids, tiles=self.attention.splash_tiles)
             elif impl == "cudnn":
