@@ -171,7 +171,10 @@ def cudnn_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, segment_ids: ja
     ``implementation``: "cudnn" (cuDNN's fused flash attention: bf16 / fp16 only, GPU only) or "xla" / None (the
     same masks through jax's XLA implementation; how the CPU tests exercise this wrapper). jax 0.10.2 has no
     segment ids for cuDNN: the segment mask goes in as a boolean ``mask`` [batch, 1, q, k] (cuDNN takes it as a
-    bias), ``is_causal`` adds the causal part (cuDNN skips the blocks above the diagonal).
+    bias), ``is_causal`` adds the causal part (cuDNN skips the blocks above the diagonal). Cost of that choice: the
+    bias is a dense [batch, 1, q, k] tensor (512 MiB per 16384-token row in bf16), shared by all heads. cuDNN's
+    packed layout (per-row segment offsets and lengths) would avoid it, but jax exposes it only in the private
+    ``jax._src.cudnn.fused_attention_stablehlo``; not used, as nothing here can test it without a GPU.
     """
     b, kvh, g, s, d = qh.shape
     q = qh.reshape(b, kvh * g, s, d).transpose(0, 2, 1, 3)  # [batch, seq, heads, head_dim] (BTNH)
