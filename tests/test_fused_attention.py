@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from conftest import PARITY_K, REPO, run_with_devices
-from orz_jax.config import ArchConfig, ConfigError, ModelConfig, check_attention, load_config, resolve_attention_impl
+from orz_jax.config import ArchConfig, ConfigError, check_attention, load_config, resolve_attention_impl
 from orz_jax.models import attention as fa
 from orz_jax.models.transformer import CausalLM, _causal_blocked_attention, positions_from_segments
 

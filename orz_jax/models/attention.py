@@ -119,9 +119,10 @@ def splash_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, segment_ids: j
                      interpret: Optional[bool] = None) -> jax.Array:
     """Causal, segment-masked attention with the splash kernel. Shapes as the module docstring.
 
-    ``tiles``: (block_q, block_kv, block_kv_compute), ``model.splash_block_*``, each cut to the row length. ``mesh`` (default: the one traced under):
-    Mosaic kernels cannot be auto-partitioned, so on a mesh the kernel runs inside ``shard_map`` over the batch
-    (data, fsdp) and head (tensor) axes of the rules table, each device on its rows and heads.
+    ``tiles``: (block_q, block_kv, block_kv_compute), ``model.splash_block_*``, each cut to the row length.
+    ``mesh`` (default: the one traced under): Mosaic kernels cannot be auto-partitioned, so on a mesh the kernel
+    runs inside ``shard_map`` over the batch (data, fsdp) and head (tensor) axes of the rules table, each device
+    on its rows and heads.
     ``interpret`` (default: inside :func:`pallas_interpret`): Pallas interpret mode, for CPU tests.
 
     GQA without repeated K/V: the MHA kernel maps query head h to kv head h // group in its index maps
