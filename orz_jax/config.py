@@ -21,6 +21,8 @@ import yaml
 
 
 DEFAULT_ATTENTION_BLOCK = 256  # ModelConfig.attention_block; fastest of 64-512 for 2048-token rows on a CPU
+SPLASH_BLOCK = 512  # ModelConfig.splash_block_*: MaxText's default splash tiles
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -80,9 +82,18 @@ class ModelConfig:
     # annealing stage). The model's architecture and tokenizer still come from model.checkpoint. A run
     # that has checkpoints of its own resumes from those instead.
     init_from_run: Optional[str] = None
-    # "xla": attention in XLA ops (the [q, k] scores are materialised). "cudnn" names the planned fused kernel
-    # and is refused by validate() until it exists (docs/bench/README.md, "Fix / plan").
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    # Training / scoring attention (the full-row path; decode always uses XLA ops). "xla": XLA ops in causal
+    # blocks of attention_block (the [q, k] scores are materialised; the reference every kernel is tested
+    # against). "splash": the Pallas splash-attention kernel (TPU only). "cudnn": cuDNN's fused attention via
+    # jax.nn.dot_product_attention (GPU only). "auto": splash on a TPU mesh, cudnn on a GPU mesh, xla on a CPU,
+    # decided by the platform of the mesh's devices (orz_jax/models/attention.py).
+    attention_impl: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+    # Splash tiles (query rows x key columns per grid step; the backward kernels use the same tiles). 512 is
+    # MaxText's default for every splash block (base.yml sa_block_*); the kernel needs multiples of 128 (the TPU
+    # lane width). A block larger than the row is cut to the row length; the row length must divide by each.
+    splash_block_q: int = SPLASH_BLOCK
+    splash_block_kv: int = SPLASH_BLOCK
+    splash_block_kv_compute: int = SPLASH_BLOCK  # key columns per inner matmul; divides splash_block_kv
     # Training / scoring attention runs in causal query blocks of this many tokens, each against only the
     # keys at or before its end: the same numbers as one dense block, about half the score FLOPs and bytes
     # on long rows (2048-token rows on a CPU: 2.0x faster updates). 0: one dense [q, k] block. Compile time
@@ -503,9 +514,14 @@ def validate(cfg: Config) -> None:
         _check(a.rms_norm_eps > 0, "model.arch.rms_norm_eps", "must be > 0")
         _check(a.max_position_embeddings > 0, "model.arch.max_position_embeddings", "must be > 0")
         _check(a.initializer_range >= 0, "model.arch.initializer_range", "must be >= 0")
-    _check(m.attention_impl == "xla", "model.attention_impl",
-           f"{m.attention_impl!r} is not implemented yet; the only implementation is 'xla' (XLA ops, in "
-           "causal blocks of model.attention_block). A fused kernel is the plan in docs/bench/README.md")
+    for key in ("splash_block_q", "splash_block_kv", "splash_block_kv_compute"):
+        v = getattr(m, key)
+        _check(v >= 128 and v % 128 == 0, f"model.{key}", f"must be a multiple of 128 (the TPU lane width), got {v}")
+    _check(m.splash_block_kv % m.splash_block_kv_compute == 0, "model.splash_block_kv_compute",
+           f"{m.splash_block_kv_compute} must divide model.splash_block_kv={m.splash_block_kv}")
+    if m.attention_impl == "splash":
+        _check(splash_blocks(splash_tiles(m), cfg.ppo.pack_len) is not None, "ppo.pack_len",
+               splash_blocks_problem(splash_tiles(m), cfg.ppo.pack_len, "ppo.pack_len"))
     _check(m.critic_head_init_std == "auto" or m.critic_head_init_std >= 0, "model.critic_head_init_std",
            f"must be >= 0 or 'auto' (1 / (hidden_size + 1), as ORZ), got {m.critic_head_init_std}")
     _check(m.init_from_run is None or bool(m.init_from_run), "model.init_from_run",
@@ -700,3 +716,61 @@ def check_against_mesh(cfg: Config, mesh_shape: dict[str, int], num_processes: i
                f"{a.num_kv_heads} KV heads do not divide over the serving mesh's tensor={serve['tensor']}")
     _check(cfg.data.prompts_per_iter % num_processes == 0, "data.prompts_per_iter",
            f"{cfg.data.prompts_per_iter} prompts do not divide over the {num_processes} processes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention implementation: ``model.attention_impl`` against the platform of the mesh's devices.
+# ----------------------------------------------------------------------------------------------
+
+
+def splash_tiles(m: ModelConfig) -> tuple[int, int, int]:
+    """(model.splash_block_q, model.splash_block_kv, model.splash_block_kv_compute)."""
+    return m.splash_block_q, m.splash_block_kv, m.splash_block_kv_compute
+
+
+def splash_blocks(tiles: tuple[int, int, int], seq: int) -> Optional[tuple[int, int, int]]:
+    """(block_q, block_kv, block_kv_compute) of the splash kernel for rows of ``seq`` tokens, from the configured
+    ``tiles`` (:func:`splash_tiles`): each cut to ``seq`` when larger; None when ``seq`` does not divide by them
+    (or a cut block is not a multiple of 128)."""
+    q, kv = min(tiles[0], seq), min(tiles[1], seq)
+    kvc = min(tiles[2], kv)
+    if seq % q or seq % kv or kv % kvc or kvc % 128 or q % 128:
+        return None
+    return q, kv, kvc
+
+
+def splash_blocks_problem(tiles: tuple[int, int, int], seq: int, what: str) -> str:
+    """The one-line reason :func:`splash_blocks` refused ``seq``."""
+    return (f"splash attention needs {what}={seq} to be a multiple of model.splash_block_q={tiles[0]}, "
+            f"model.splash_block_kv={tiles[1]} and model.splash_block_kv_compute={tiles[2]} "
+            "(each cut to the row length when larger; rows shorter than a block must be a multiple of 128)")
+
+
+def resolve_attention_impl(impl: str, platform: str, interpret: bool = False) -> str:
+    """The training attention for devices of ``platform`` ("tpu", "gpu"/"cuda"/"rocm", "cpu"): ``auto`` ->
+    splash on TPU, cudnn on CUDA GPUs, xla elsewhere. An explicit kernel on the wrong platform is a ConfigError
+    naming ``model.attention_impl``; ``interpret`` (tests only: Pallas interpret mode) lets splash run anywhere."""
+    _check(impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    gpu = platform in ("gpu", "cuda")
+    if impl == "auto":
+        return "splash" if platform == "tpu" else "cudnn" if gpu else "xla"
+    if impl == "splash":
+        _check(platform == "tpu" or interpret, "model.attention_impl",
+               f"'splash' is a TPU kernel but the mesh's devices are {platform!r}; use 'auto' or 'xla'")
+    if impl == "cudnn":
+        _check(gpu, "model.attention_impl",
+               f"'cudnn' needs NVIDIA GPUs but the mesh's devices are {platform!r}; use 'auto' or 'xla'")
+    return impl
+
+
+def check_attention(cfg: Config, platform: str) -> str:
+    """Start-up check of the training attention on devices of ``platform``: the implementation the training rows
+    (``ppo.pack_len`` tokens) get, or a one-line ConfigError (a kernel named on the wrong platform; splash named
+    with a ``ppo.pack_len`` its tiles do not divide). ``auto`` takes the XLA path for rows splash cannot tile
+    (e.g. the demo's 88-token rows on a TPU), as ``AttentionSpec.resolve`` does at trace time."""
+    impl = resolve_attention_impl(cfg.model.attention_impl, platform)
+    if impl == "splash" and splash_blocks(splash_tiles(cfg.model), cfg.ppo.pack_len) is None:
+        _check(cfg.model.attention_impl == "auto", "ppo.pack_len",
+               splash_blocks_problem(splash_tiles(cfg.model), cfg.ppo.pack_len, "ppo.pack_len"))
+        return "xla"
+    return impl

@@ -24,12 +24,13 @@ import jax
 import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
-from orz_jax.config import Config, ConfigError, check_against_mesh, dump_yaml
+from orz_jax.config import Config, ConfigError, check_against_mesh, check_attention, dump_yaml
 from orz_jax.data.download import missing_data_message
 from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
 from orz_jax.data.records import DataError, source_name
 from orz_jax.metrics_log import MetricsLog
+from orz_jax.models.attention import mesh_platform
 from orz_jax.models.build import create_model
 from orz_jax.models.hf_io import CheckpointError, export_hf, load_hf
 from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
@@ -111,6 +112,8 @@ def check_inputs(cfg: Config) -> None:
         raise StartupError(str(e)) from None
     # micro-batches, decode slots, steps per buffer, prompts per process against this mesh (ConfigError)
     check_against_mesh(cfg, dict(mesh.shape), jax.process_count(), len(jax.local_devices()))
+    # the training attention kernel against the mesh's platform (splash: TPU, cudnn: GPU) and ppo.pack_len
+    check_attention(cfg, mesh_platform(mesh))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def test_overrides_apply_and_parse_types():
     ("ppo.pack_len=10", "ppo.pack_len: must hold one whole sample"),
     ("experiment.progress_bar=maybe", "experiment.progress_bar: expected true/false"),
     ("noequals", "is not of the form key.sub=value"),
-    ("model.attention_impl=cudnn", "model.attention_impl: 'cudnn' is not implemented yet"),
+    ("model.attention_impl=flash", "model.attention_impl: 'flash' is not one of"),
+    ("model.splash_block_q=100", "model.splash_block_q: must be a multiple of 128"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

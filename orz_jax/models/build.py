@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from orz_jax.config import ArchConfig, ModelConfig
+from orz_jax.models.attention import AttentionSpec
 from orz_jax.models.transformer import DTYPES, CausalLM, Critic
 from orz_jax.sharding import state_shardings
 
@@ -98,7 +99,7 @@ def hf_config_from_arch(arch: ArchConfig, dtype: str = "float32") -> dict:
 
 def model_kwargs(model_cfg: ModelConfig) -> dict:
     return dict(dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
-                attention_block=model_cfg.attention_block)
+                attention_block=model_cfg.attention_block, attention=AttentionSpec.from_config(model_cfg))
 
 
 def critic_head_std(model_cfg: ModelConfig, arch: ArchConfig) -> float:

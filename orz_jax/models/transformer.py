@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig
+from orz_jax.models.attention import AttentionSpec, cudnn_attention, splash_attention
 from orz_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -125,7 +126,7 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     def __init__(self, arch: ArchConfig, *, param_dtype, dtype, block: int = DEFAULT_ATTENTION_BLOCK,
-                 stack: int = 0, rngs: nnx.Rngs):
+                 stack: int = 0, attention: AttentionSpec = AttentionSpec(), rngs: nnx.Rngs):
         e, h, kvh, d = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim
         std = arch.initializer_range
         self.q = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), std, param_dtype, stack)
@@ -139,6 +140,7 @@ class Attention(nnx.Module):
         self.has_bias = arch.attention_bias
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.dtype, self.block = dtype, block  # block: causal query block of the full-sequence path (0: dense)
+        self.attention = attention  # the full-sequence path's implementation (orz_jax/models/attention.py)
 
     def _proj(self, x, w, b):
         y = jnp.einsum("bse,ehd->bshd", x, w.value.astype(self.dtype))
@@ -187,7 +189,12 @@ class Attention(nnx.Module):
             # Moving q / k / v costs [seq, head_dim] per head, not [q, k].
             qh = qg.transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, group, q, head_dim]
             kh, vh = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, kv_heads, k, head_dim]
-            if 0 < self.block < s:
+            impl = self.attention.resolve(s)  # by the platform of the mesh traced under
+            if impl == "splash":
+                out = splash_attention(qh, kh, vh, segment_ids, tiles=self.attention.splash_tiles)
+            elif impl == "cudnn":
+                out = cudnn_attention(qh, kh, vh, segment_ids)
+            elif 0 < self.block < s:
                 out = _causal_blocked_attention(qh, kh, vh, mask, self.block, self.dtype)
             else:
                 out = _attend(qh, kh, vh, mask, self.dtype)
@@ -252,10 +259,10 @@ class Block(nnx.Module):
     leading ``layers`` axis; :class:`Transformer` runs it under ``lax.scan`` with one slice per step."""
 
     def __init__(self, arch: ArchConfig, *, param_dtype, dtype, attention_block: int, stack: int = 0,
-                 rngs: nnx.Rngs):
+                 attention: AttentionSpec = AttentionSpec(), rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, stack=stack)
         self.attn_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
-        self.attn = Attention(arch, rngs=rngs, block=attention_block, **kw)
+        self.attn = Attention(arch, rngs=rngs, block=attention_block, attention=attention, **kw)
         self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.mlp = MLP(arch, rngs=rngs, **kw)
 
@@ -276,14 +283,15 @@ class Transformer(nnx.Module):
     """The shared trunk: embeddings, decoder blocks, final norm."""
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 attention_block: int = DEFAULT_ATTENTION_BLOCK, rngs: nnx.Rngs):
+                 attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
+                 rngs: nnx.Rngs):
         self.arch = arch
         self.embed = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), arch.initializer_range,
                             param_dtype)
         # All blocks in one module, parameters stacked over a leading "layers" axis ([layers, embed, ...]):
         # the trunk is one lax.scan, so compile time and program size do not grow with depth.
         self.layers = Block(arch, param_dtype=param_dtype, dtype=dtype, attention_block=attention_block,
-                            stack=arch.num_layers, rngs=rngs)
+                            stack=arch.num_layers, attention=attention, rngs=rngs)
         self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.dtype, self.remat = dtype, remat
 
@@ -318,9 +326,10 @@ class CausalLM(nnx.Module):
     """Policy: trunk + LM head (tied to the embedding when ``arch.tie_word_embeddings``)."""
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 attention_block: int = DEFAULT_ATTENTION_BLOCK, rngs: nnx.Rngs):
+                 attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
+                 rngs: nnx.Rngs):
         self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                       attention_block=attention_block, rngs=rngs)
+                                       attention_block=attention_block, attention=attention, rngs=rngs)
         if not arch.tie_word_embeddings:
             self.lm_head = _param(rngs, (arch.hidden_size, arch.vocab_size), ("embed", "vocab"),
                                   arch.initializer_range, param_dtype)
@@ -358,9 +367,10 @@ class Critic(nnx.Module):
     """Value model: the same trunk + a bias-free scalar head on the last hidden state."""
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 attention_block: int = DEFAULT_ATTENTION_BLOCK, head_init_std: float = 0.0, rngs: nnx.Rngs):
+                 attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
+                 head_init_std: float = 0.0, rngs: nnx.Rngs):
         self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                       attention_block=attention_block, rngs=rngs)
+                                       attention_block=attention_block, attention=attention, rngs=rngs)
         self.value_head = _param(rngs, (arch.hidden_size, 1), ("embed", "value"), head_init_std, param_dtype)
 
     @property
