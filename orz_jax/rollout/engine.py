@@ -424,8 +424,9 @@ class RolloutEngine(engine_api.Engine):
 
     def serving_abstract(self) -> Any:
         """The serving copy as ShapeDtypeStructs (serving dtype and sharding): what the jitted functions get."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, self._serving_dtype(a.dtype), sharding=s),
-                            self._source_avals, self._param_shardings)
+        leaves, treedef = jax.tree.flatten(self._source_avals)
+        return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, self._serving_dtype(a.dtype), sharding=s)
+                                  for a, s in zip(leaves, jax.tree.leaves(self._param_shardings))])
 
     def _serving_dtype(self, dtype) -> np.dtype:
         # floating leaves in the compute dtype; integer leaves (none in CausalLM today) as they are
