@@ -40,7 +40,7 @@ SCRIPT = WEIGHT_DIMS + """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from orz_jax.config import ArchConfig, MeshConfig, ModelConfig, RolloutConfig
-from orz_jax.models.build import create_model
+from orz_jax.models.build import abstract_model, create_model
 from orz_jax.rollout import CompileCounter, RolloutEngine, generate_rollouts
 from orz_jax.sharding import make_mesh, state_shardings
 from orz_jax.tokenizer import CharTokenizer
@@ -76,21 +76,20 @@ print("specs OK")
 # (what the engine served before issue 14) gathers weights: the check sees them.
 state = eng.init_decode_state()
 hlo = eng._generate_jit.lower(eng.params, state, eng.sampling).compile().as_text()
-steps_hlo = eng._steps_jit.lower(eng.params, state, 4, eng.sampling).compile().as_text()
 pre_hlo = eng._prefill_jit.lower(eng.params, np.zeros((1, 16), np.int32), np.int32(3)).compile().as_text()
 train_layout = jax.device_put(eng._cast(nnx.state(policy)), state_shardings(mesh, nnx.state(policy)))
 old_hlo = eng._generate_jit.lower(train_layout, state, eng.sampling).compile().as_text()
-print("decode weight all-gathers", len(weight_all_gathers(hlo, arch.vocab_size)),
-      len(weight_all_gathers(steps_hlo, arch.vocab_size)), "prefill all-gathers", pre_hlo.count("all-gather("),
+print("decode weight all-gathers", len(weight_all_gathers(hlo, arch.vocab_size)), "prefill all-gathers", pre_hlo.count("all-gather("),
       "training layout", len(weight_all_gathers(old_hlo, arch.vocab_size)))
 assert weight_all_gathers(hlo, arch.vocab_size) == [], weight_all_gathers(hlo, arch.vocab_size)
-assert weight_all_gathers(steps_hlo, arch.vocab_size) == []
 assert "all-gather" not in pre_hlo
 assert len(weight_all_gathers(old_hlo, arch.vocab_size)) >= 7  # q k v o gate up down (+ norms, embed)
 
 # (c) refresh: 3 new policies in the trainer's layout; one cast-and-reshard each, no compile after the first,
 # the old copy donated, the values the host's float32 -> bfloat16 rounding (round to nearest even) of the new
-new_states = [nnx.state(create_model("policy", arch, mcfg, mesh, seed=s)) for s in (1, 2, 3)]
+# new parameters as an update leaves them: same layout, other values (one jitted map, not 3 more inits)
+perturb = jax.jit(lambda st, c: jax.tree.map(lambda x: x * (1 + c) + c, st))
+new_states = [perturb(nnx.state(policy), np.float32(0.01 * k)) for k in (1, 2, 3)]
 shardings = [x.sharding for x in jax.tree.leaves(eng.params)]
 counts = []
 for i, new in enumerate(new_states):
@@ -116,13 +115,13 @@ assert [x.sharding for x in jax.tree.leaves(eng.params)] == shardings
 for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(host)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
 
-# (d) greedy tokens (batched driver, before and after a refresh; tests/test_rollout.py shows the drivers agree) == the step-by-step argmax of the trainer's forward
+# (d) greedy tokens (batched driver, after a refresh; tests/test_rollout.py shows the drivers agree) == the step-by-step argmax of the trainer's forward
 # (no cache, training layout) of the same policy. In float32 compute: the copy is still a cast-and-reshard (the
 # layout differs), and float32 leaves no near-ties between the two summation orders. (In bfloat16 two orders do
 # break near-ties differently and the sequences then part; the engine serving the trainer's own bfloat16-cast
 # arrays in the training layout parts from this reference too, so exact equality is no test of the copy there:
 # (c) pins the copy's values instead, and the trainer's forward casts each weight the same way.)
-prompts = [tok.encode(s) for s in ["1+2=", "x", "hello there!", "abcdefgh", "(3*4)-5"]]
+prompts = [tok.encode(s) for s in ["1+2=", "hello there!", "(3*4)-5"]]
 
 @jax.jit
 def next_token(split, x, n):
@@ -145,14 +144,11 @@ def check_greedy(engine, model):
     got = generate_rollouts(engine, prompts, 1, 0, cfg)
     assert [got.response_ids[i, :got.response_mask[i].sum()].tolist() for i in range(len(prompts))] == greedy_ref(model)
 
-f32cfg = ModelConfig(arch=arch)
-policy32 = create_model("policy", arch, f32cfg, mesh, seed=0)
-eng32 = RolloutEngine(policy32, cfg, tok)
+graph32 = nnx.graphdef(abstract_model("policy", arch, ModelConfig(arch=arch)))  # float32 compute
+eng32 = RolloutEngine(nnx.merge(graph32, nnx.state(policy)), cfg, tok)
 assert all("fsdp" not in str(x.sharding.spec) for x in jax.tree.leaves(eng32.params))
-check_greedy(eng32, policy32)
-new32 = create_model("policy", arch, f32cfg, mesh, seed=1)
-eng32.update_params(nnx.state(new32))
-check_greedy(eng32, new32)
+eng32.update_params(new_states[1])  # the copy after a refresh serves the new policy
+check_greedy(eng32, nnx.merge(graph32, new_states[1]))
 print("greedy OK")
 print("OK")
 """
@@ -213,13 +209,16 @@ eng = RolloutEngine(policy, cfg, tok, mesh=mesh)
 state = jax.eval_shape(eng._init_impl)
 state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, eng._state_shardings)
 hlo = eng._generate_jit.lower(eng.params, state, eng.sampling).compile().as_text()
-train = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), eng.params,
-                     state_shardings(mesh, eng._source_avals))
+steps_hlo = eng._steps_jit.lower(eng.params, state, 4, eng.sampling).compile().as_text()  # the batched driver's
+leaves, treedef = jax.tree.flatten(eng.params)
+train = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                           for x, s in zip(leaves, jax.tree.leaves(state_shardings(mesh, eng._source_avals)))])
 old = eng._generate_jit.lower(train, state, eng.sampling).compile().as_text()
 print("tpu decode weight all-gathers", len(weight_all_gathers(hlo, 256)), "training layout",
       len(weight_all_gathers(old, 256)))
 assert weight_all_gathers(hlo, 256) == [], weight_all_gathers(hlo, 256)
-assert len(weight_all_gathers(old, 256)) >= 7
+assert weight_all_gathers(steps_hlo, 256) == [], weight_all_gathers(steps_hlo, 256)
+assert len(weight_all_gathers(old, 256)) >= 1  # TPU's all-gather combiner merges them into fewer ops (5 seen)
 print("OK")
 """
 

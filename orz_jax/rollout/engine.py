@@ -449,6 +449,11 @@ class RolloutEngine(engine_api.Engine):
             self.params, self._owns_copy = new, False
         elif all(isinstance(x, jax.Array) for x in jax.tree.leaves(new)):
             # on device: one program, input layout = what the trainer holds (jit reads it from the arrays)
+            serving_devices = set(self._mesh.devices.flat)
+            if any(x.sharding.device_set != serving_devices for x in jax.tree.leaves(new)):
+                # other devices than the serving mesh's (a caller's engine on a sub-mesh): one program cannot
+                # span both, so move first (in the received dtype), then cast on the serving devices
+                new = jax.device_put(new, self._param_shardings)
             if self._owns_copy:
                 self.params = self._refresh_jit(new, self.params)
             else:
