@@ -367,11 +367,13 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
 
     # The engine, built from the abstract policy on the serving mesh (nothing placed).
     engine = RolloutEngine(policy, cfg.rollout, _placeholder_tokenizer(cfg), mesh=smesh, seed=cfg.experiment.seed)
-    from flax import nnx
-    sparams = with_shardings(nnx.split(policy)[1], engine._param_shardings)
+    # The engine's own copy of the policy (rollout.engine): compute dtype, serving layout (no fsdp).
+    sparams = engine.params
     serving_b = per_device_bytes(sparams)
-    # One process: the engine shares the trainer's parameter buffers (update_params is a no-op device_put).
-    shared = n_proc == 1
+    # It shares the trainer's arrays only where the cast and reshard are the identity (one process, parameters
+    # already in the compute dtype and serving layout); otherwise it is resident next to the actor state.
+    shared = n_proc == 1 and all(a.dtype == b.dtype and a.sharding.is_equivalent_to(b.sharding, len(a.shape))
+                                 for a, b in zip(jax.tree.leaves(actor_in.params), jax.tree.leaves(sparams)))
     serving_copy_b = 0 if shared else serving_b
     state_abs = jax.eval_shape(engine._init_impl)
     state_in = with_shardings(state_abs, engine._state_shardings)
@@ -462,27 +464,25 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
             resident_in_args=serving_b + kv_b, phase="rollout")
 
     # -- weight sync (trainer: engine.update_params(to_serving(actor.params))) ----------------------
-    same_layout = n_proc == 1 and all(a == b for a, b in zip(jax.tree.leaves(ash.params),
-                                                              jax.tree.leaves(engine._param_shardings)))
-    if same_layout:
-        # update_params' device_put to an identical sharding is a no-op: no program runs
+    if shared:
+        # update_params shares the arrays: no program runs
         if want("weight_sync"):
-            log("weight_sync: no program (one process, same layout: the engine shares the trainer's buffers)")
+            log("weight_sync: no program (one process, the parameters already are in the serving dtype and layout)")
+    elif n_proc > 1:
+        # several processes: multihost.to_serving = process_allgather(tiled=True) leaf by leaf, an identity to
+        # fully replicated arrays (then a host copy, cast to the compute dtype on the host and placed). Compile
+        # the largest leaf's gather (the peak); its costs are scaled to the whole policy by bytes (calls = total
+        # bytes / largest leaf's bytes)
+        leaves = jax.tree.leaves(actor_in.params)
+        big = max(leaves, key=lambda x: math.prod(x.shape) * x.dtype.itemsize)
+        nbytes = lambda x: math.prod(x.shape) * x.dtype.itemsize  # noqa: E731
+        sync = jax.jit(lambda p: p, out_shardings=rep)
+        run("weight_sync", sync, big, calls=sum(map(nbytes, leaves)) / nbytes(big),
+            resident_in_args=per_device_bytes(big), phase="weight_sync")
     else:
-        # several processes: multihost.to_serving = process_allgather(tiled=True), an identity to fully
-        # replicated arrays (then a host copy); one process, other layout: a reshard
-        if n_proc > 1:
-            # to_serving gathers leaf by leaf: compile the largest leaf's gather (the peak); its costs are
-            # scaled to the whole policy by bytes (calls = total bytes / largest leaf's bytes)
-            leaves = jax.tree.leaves(actor_in.params)
-            big = max(leaves, key=lambda x: math.prod(x.shape) * x.dtype.itemsize)
-            nbytes = lambda x: math.prod(x.shape) * x.dtype.itemsize  # noqa: E731
-            sync = jax.jit(lambda p: p, out_shardings=rep)
-            run("weight_sync", sync, big, calls=sum(map(nbytes, leaves)) / nbytes(big),
-                resident_in_args=per_device_bytes(big), phase="weight_sync")
-        else:
-            sync = jax.jit(lambda p: p, in_shardings=(ash.params,), out_shardings=engine._param_shardings)
-            run("weight_sync", sync, actor_in.params, resident_in_args=actor_param_b, phase="weight_sync")
+        # one process: the engine's jitted cast-and-reshard from the actor's layout, donating the old copy
+        run("weight_sync", engine._refresh_jit, actor_in.params, sparams, resident_in_args=actor_param_b + serving_b,
+            phase="weight_sync")
 
     # -- PPO ---------------------------------------------------------------------------------------
     # the worst-case buffer's real tokens per batch shard: per_row samples of prompt + response per row

@@ -51,6 +51,14 @@ LOGICAL_RULES: dict[str, Any] = {
     "act_vocab": "tensor",
 }
 
+# The rollout engine's layout of its own (compute-dtype) copy of the policy: the same table with the parameter
+# axes' ``fsdp`` removed, so ``embed`` is replicated and heads / kv_heads / mlp / vocab stay on ``tensor``.
+# Why: a decode step reads every weight once for a few tokens per slot; with ``embed`` on ``fsdp`` each step
+# all-gathers the whole policy over the mesh (the training layout trades that gather for memory, which pays off
+# only over a long packed batch). Slots (``slots``/``batch``) stay over (data, fsdp), so a serving device holds
+# params / tensor and its own slots' KV cache.
+SERVING_RULES: dict[str, Any] = {**LOGICAL_RULES, "embed": None}
+
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """Build a ``Mesh`` with axes (data, fsdp, tensor) from the config; -1 takes the remaining devices."""
@@ -99,9 +107,10 @@ def _axis_size(mesh: Mesh, target: Any) -> int:
 
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,
-                   name: str = "array") -> NamedSharding:
-    """NamedSharding for ``logical_axes`` on ``mesh``; with ``shape``, checks every dim divides."""
-    spec = logical_to_spec(logical_axes)
+                   name: str = "array", rules: Optional[dict] = None) -> NamedSharding:
+    """NamedSharding for ``logical_axes`` on ``mesh`` (``rules``: default ``LOGICAL_RULES``); with ``shape``,
+    checks every dim divides."""
+    spec = logical_to_spec(logical_axes, rules)
     if shape is not None:
         if len(shape) != len(spec):
             raise ValueError(f"{name}: shape {tuple(shape)} has {len(shape)} dims but logical axes {tuple(logical_axes)}")
@@ -114,9 +123,10 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]], shape: Opt
     return NamedSharding(mesh, spec)
 
 
-def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
+def state_shardings(mesh: Mesh, abstract_state: Any, rules: Optional[dict] = None) -> Any:
     """Shardings for an ``nnx.State`` (or any pytree of nnx Variables) from their ``sharding_names``
-    metadata. Leaves without metadata are replicated."""
+    metadata and ``rules`` (default ``LOGICAL_RULES``; ``SERVING_RULES`` for the rollout engine's copy).
+    Leaves without metadata are replicated."""
     from flax import nnx
 
     def one(path, var):
@@ -131,7 +141,7 @@ def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
         if not names:
             return NamedSharding(mesh, PartitionSpec())
         pname = "/".join(str(getattr(p, "key", p)) for p in path)
-        return named_sharding(mesh, names, shape, name=pname)
+        return named_sharding(mesh, names, shape, name=pname, rules=rules)
 
     return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -92,8 +92,12 @@ def test_every_program_compiles_for_one_host(compiled):
     assert r["failures"] == [] and r["fits"]
     progs = _by_name(r)
     assert set(progs) == {"prefill[16]", "insert[16]", "prefill[32]", "insert[32]", "init_decode_state", "decode",
-                          "eval_decode", "prepare_batch", "critic_step", "actor_step"}
-    # one process, one layout: the engine serves the trainer's own parameter buffers, no weight-sync program
+                          "eval_decode", "weight_sync", "prepare_batch", "critic_step", "actor_step"}
+    # the engine's own bfloat16 copy, whole on every device (tensor 1, no fsdp): TINY's policy has 69,952
+    # parameters (embed + lm_head 2 x 256 x 64, q / o 2 x 64 x 64, k / v 2 x 64 x 32, qkv biases 128, MLP
+    # 3 x 64 x 128, norms 3 x 64), 2 bytes each. The refresh writes it in place (the old copy donated).
+    assert r["resident"]["serving_params_copy"] == 69_952 * 2
+    assert progs["weight_sync"]["alias_bytes"] >= r["resident"]["serving_params_copy"]  # (+ TPU tile padding)
     for name, p in progs.items():
         assert p["compile_s"] > 0 and p["temp_bytes"] >= 0 and p["peak_bytes"] > 0, name
         assert p["flops"] >= 0 and p["bytes_accessed"] > 0, name
@@ -119,7 +123,7 @@ def test_every_program_compiles_for_one_host(compiled):
     # ... and not much more: the value/LM-head recompute and masked attention blocks add < 1.5x at these sizes
     assert a["flops"] <= 1.5 * a["model_flops"]
     assert a["xla_cost_analysis_loop_bodies_once"]["flops"] < a["flops"] / 2  # loop bodies once: short
-    assert r["iteration_roofline_s"] > 0 and set(r["phases"]) == {"rollout", "prepare",
+    assert r["iteration_roofline_s"] > 0 and set(r["phases"]) == {"rollout", "weight_sync", "prepare",
                                                                   "critic_update", "actor_update"}
 
 

@@ -22,10 +22,18 @@ depends on the seed and its request number only, not on its slot or on the other
 so the batched loop and JetStream's continuous-batching orchestrator (which inserts requests in arrival
 order) draw identical samples.
 
-Weight sync: :meth:`RolloutEngine.update_params` swaps in new parameters with ``jax.device_put`` to the
-serving layout, which is a no-op (no copy) when the layout already matches; shapes and dtypes must be
-unchanged, so nothing recompiles. The engine then *shares* the trainer's buffers: if the trainer later
-donates them, call ``update_params`` again before the next rollout (the PPO loop does so every iteration).
+Weight sync: the engine serves its *own copy* of the policy: every floating leaf in the compute dtype
+(``model.dtype``, bfloat16 on TPU), placed with the serving layout (``orz_jax.sharding.SERVING_RULES``: heads /
+kv_heads / mlp / vocab on ``tensor``, nothing on ``fsdp``), so a decode step reads half the bytes of the float32
+training weights and gathers none of them over the mesh. :meth:`RolloutEngine.update_params` refreshes the copy
+with one jitted cast-and-reshard from the layout it receives, donating the old copy's buffers (refreshed in
+place, compiled once). Numbers: the trainer's forward casts every parameter to ``dtype`` before using it (norm
+scales and biases included; the embedding rows after the lookup, which commutes with the cast), so casting them
+ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
+have the serving dtype and layout (a float32 model on one device: the CPU demo) the cast is the identity and
+the engine *shares* them instead of holding a second copy: the trainer donates its buffers in each update, which
+deletes the engine's too, and then any use before the next ``update_params`` fails loudly ("Array has been
+deleted"), it cannot read stale weights; the PPO loop calls ``update_params`` after every update.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from orz_jax.config import RolloutConfig
 from orz_jax.models.transformer import KVCache
 from orz_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from orz_jax.rollout.sampling import SamplingParams, sample_tokens
-from orz_jax.sharding import MESH_AXES, named_sharding, state_shardings, use_mesh
+from orz_jax.sharding import MESH_AXES, SERVING_RULES, named_sharding, state_shardings, use_mesh
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +137,9 @@ class RolloutEngine(engine_api.Engine):
     """JetStream engine for a ``CausalLM``.
 
     Args:
-      model: the policy (``CausalLM``); its parameters become the engine's ``params`` (not copied).
+      model: the policy (``CausalLM``); the engine serves a copy of its parameters in ``model.dtype`` with
+        the serving layout (shared, not copied, when they already are in that dtype and layout; see the module
+        docstring). Abstract parameters (``nnx.eval_shape``) give an engine for ahead-of-time lowering only.
       cfg: ``RolloutConfig``: buckets, slots (``max_concurrent_decodes``), ``max_response_len`` (decode
         buffer length and default token limit) and the default sampling settings.
       tokenizer: ``orz_jax.tokenizer.Tokenizer`` (encode / decode / eos_id / eos_ids / pad_id / bos_id).
@@ -160,12 +170,26 @@ class RolloutEngine(engine_api.Engine):
         if mesh is None:
             mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
         self._mesh = mesh
-        # Serving layout of the parameters: the logical-axis rules on the serving mesh.
-        self._param_shardings = state_shardings(mesh, params)
+        # Serving layout of the parameters: the serving rules (no fsdp) on the serving mesh.
+        self._param_shardings = state_shardings(mesh, params, SERVING_RULES)
+        # What update_params must receive: the trainer's shapes and dtypes (the served copy's dtypes differ).
+        self._source_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        # cast-and-reshard: first placement (nothing to donate) and refresh (the old copy donated, its buffers
+        # reused for the new one: the copy never exists twice). keep_unused: the old copy is not read, and jit
+        # would otherwise drop it from the arguments, and so from the donation.
+        self._cast_jit = jax.jit(self._cast, out_shardings=self._param_shardings)
+        self._refresh_jit = jax.jit(lambda new, old: self._cast(new), out_shardings=self._param_shardings,
+                                    donate_argnums=(1,), keep_unused=True)
+        self._owns_copy = False  # True when self.params is the engine's own copy (donatable)
         # Abstract parameters (ShapeDtypeStruct leaves, ``nnx.eval_shape``) build an engine whose jitted
-        # functions can only be lowered ahead of time (``orz_jax.compile``): nothing is placed.
+        # functions can only be lowered ahead of time (``orz_jax.compile``): nothing is placed; ``params`` is
+        # then the serving copy's ShapeDtypeStructs (serving dtype and sharding).
         abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
-        self.params = params if abstract else jax.device_put(params, self._param_shardings)
+        if abstract:
+            self.params = self.serving_abstract()
+        else:
+            self.params = self._source_avals  # placeholder for the first _place (nothing to donate)
+            self._place(params)
 
         kv_axes = ("layers", "slots", "cache_seq", "kv_heads", "head_dim")
         kv_shape = (self.arch.num_layers, self.slots, self.max_len, self.arch.num_kv_heads,
@@ -378,14 +402,16 @@ class RolloutEngine(engine_api.Engine):
     # ------------------------------------------------------------------------------------------
 
     def update_params(self, new_params: Any) -> None:
-        """Serve ``new_params`` (an ``nnx.State`` / module with the policy's structure) from now on.
+        """Serve ``new_params`` (an ``nnx.State`` / module with the policy's structure, in the trainer's
+        dtypes and any layout; host numpy copies from ``multihost.to_serving`` too) from now on.
 
-        Same layout: no copy at all (the engine shares the buffers). Otherwise each leaf is resharded on
-        device to the serving layout. Shapes and dtypes must match the current parameters (so the compiled
-        functions are reused as they are); a mismatch raises ValueError naming the parameter.
+        Refreshes the engine's copy with one jitted cast-and-reshard that donates the old copy (compiled once
+        per received layout, so nothing recompiles from one PPO iteration to the next); shares ``new_params``
+        when they already are in the serving dtype and layout. Shapes and dtypes must match the policy the
+        engine was built from; a mismatch raises ValueError naming the parameter.
         """
         new = _as_state(new_params)
-        old_leaves, old_def = jax.tree_util.tree_flatten_with_path(self.params)
+        old_leaves, old_def = jax.tree_util.tree_flatten_with_path(self._source_avals)
         new_leaves, new_def = jax.tree_util.tree_flatten_with_path(new)
         if old_def != new_def:
             raise ValueError(f"update_params: parameter tree differs from the served policy's "
@@ -394,7 +420,55 @@ class RolloutEngine(engine_api.Engine):
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f"update_params: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the served policy has {a.dtype}{list(a.shape)}")
-        self.params = jax.device_put(new, self._param_shardings)
+        self._place(new)
+
+    def serving_abstract(self) -> Any:
+        """The serving copy as ShapeDtypeStructs (serving dtype and sharding): what the jitted functions get."""
+        leaves, treedef = jax.tree.flatten(self._source_avals)
+        return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, self._serving_dtype(a.dtype), sharding=s)
+                                  for a, s in zip(leaves, jax.tree.leaves(self._param_shardings))])
+
+    def _serving_dtype(self, dtype) -> np.dtype:
+        # floating leaves in the compute dtype; integer leaves (none in CausalLM today) as they are
+        return jnp.dtype(self.cache_dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(dtype)
+
+    def _cast(self, params: Any) -> Any:
+        """Traced: every leaf in its serving dtype (the trainer's forward casts each weight to ``dtype``
+        before use, so the sampler computes with the same values)."""
+        return jax.tree.map(lambda x: x.astype(self._serving_dtype(x.dtype)), params)
+
+    def _is_serving_layout(self, params: Any) -> bool:
+        leaves, shardings = jax.tree.leaves(params), jax.tree.leaves(self._param_shardings)
+        return all(isinstance(x, jax.Array) and x.dtype == self._serving_dtype(x.dtype)
+                   and x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, shardings))
+
+    def _place(self, new: Any) -> None:
+        """Make ``new`` (checked: the policy's structure, shapes and dtypes) the served parameters."""
+        if self._is_serving_layout(new):
+            # cast and reshard would be the identity: share (see the module docstring)
+            self.params, self._owns_copy = new, False
+        elif all(isinstance(x, jax.Array) for x in jax.tree.leaves(new)):
+            # on device: one program, input layout = what the trainer holds (jit reads it from the arrays)
+            serving_devices = set(self._mesh.devices.flat)
+            if any(x.sharding.device_set != serving_devices for x in jax.tree.leaves(new)):
+                # other devices than the serving mesh's (a caller's engine on a sub-mesh): one program cannot
+                # span both, so move first (in the received dtype), then cast on the serving devices
+                new = jax.device_put(new, self._param_shardings)
+            if self._owns_copy:
+                self.params = self._refresh_jit(new, self.params)
+            else:
+                self.params = self._cast_jit(new)
+            self._owns_copy = True
+        else:
+            # host copies (several processes: multihost.to_serving): cast on the host (numpy's bfloat16 rounds
+            # to nearest even, as XLA's convert does) and place the serving dtype only, after freeing the old
+            # copy: the device never holds the float32 policy or two copies.
+            host = jax.tree.map(lambda x: np.asarray(x).astype(self._serving_dtype(np.asarray(x).dtype)), new)
+            if self._owns_copy:
+                for x in jax.tree.leaves(self.params):
+                    x.delete()
+            self.params = jax.device_put(host, self._param_shardings)
+            self._owns_copy = True
 
 
 class CompileCounter:
