@@ -469,13 +469,23 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         if want("weight_sync"):
             log("weight_sync: no program (one process, the parameters already are in the serving dtype and layout)")
     elif n_proc > 1:
-        # several processes: multihost.to_serving = process_allgather(tiled=True) leaf by leaf, an identity to
-        # fully replicated arrays (then a host copy, cast to the compute dtype on the host and placed). Compile
-        # the largest leaf's gather (the peak); its costs are scaled to the whole policy by bytes (calls = total
-        # bytes / largest leaf's bytes)
-        leaves = jax.tree.leaves(actor_in.params)
-        big = max(leaves, key=lambda x: math.prod(x.shape) * x.dtype.itemsize)
+        # several processes: multihost.to_serving casts each leaf to the serving dtype on its devices, then
+        # process_allgather(tiled=True)s it piece by piece (at most SYNC_PIECE_BYTES, sliced along the layers
+        # axis), an identity to fully replicated arrays, then a host copy the engine places. Compile the gather
+        # of the largest piece (the device peak); its costs are scaled to the whole policy by bytes (calls =
+        # total bytes / the piece's bytes)
+        from orz_jax.multihost import SYNC_PIECE_BYTES
+
+        def serving_aval(x):
+            dt = engine._serving_dtype(x.dtype)
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+
+        leaves = [serving_aval(x) for x in jax.tree.leaves(actor_in.params)]
         nbytes = lambda x: math.prod(x.shape) * x.dtype.itemsize  # noqa: E731
+        big = max(leaves, key=nbytes)
+        if big.ndim > 0 and big.shape[0] > 1 and nbytes(big) > SYNC_PIECE_BYTES:
+            rows = max(1, big.shape[0] * SYNC_PIECE_BYTES // nbytes(big))
+            big = jax.ShapeDtypeStruct((rows, *big.shape[1:]), big.dtype, sharding=big.sharding)
         sync = jax.jit(lambda p: p, out_shardings=rep)
         run("weight_sync", sync, big, calls=sum(map(nbytes, leaves)) / nbytes(big),
             resident_in_args=per_device_bytes(big), phase="weight_sync")

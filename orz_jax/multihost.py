@@ -23,6 +23,7 @@ import math
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -49,16 +50,43 @@ def serving_mesh(cfg: MeshConfig, mesh: Mesh) -> Mesh:
     return make_mesh(MeshConfig(data=1, fsdp=-1, tensor=tensor), devices=local)
 
 
-def to_serving(params: Any) -> Any:
+# Largest piece of one parameter gathered onto every device at once by :func:`to_serving`. Since the decoder
+# layers are stacked, a leaf is a whole [layers, ...] stack: 32B's MLP stack is 64 x 5120 x 27648 (36 GB in
+# float32), which gathered whole would not fit next to the train states on a 95 GiB v5p chip.
+SYNC_PIECE_BYTES = 1 << 30
+
+
+def _cast_on_device(x: jax.Array, dtype) -> jax.Array:
+    return jax.jit(lambda a: a.astype(dtype))(x)  # keeps x's sharding: each device casts its own shard
+
+
+def to_serving(params: Any, dtype: Any = None, piece_bytes: int = SYNC_PIECE_BYTES) -> Any:
     """Parameters (global arrays, possibly spread over other hosts' devices) as host numpy copies that a
-    process-local engine can place. One process: returned unchanged (the engine reshards on device)."""
+    process-local engine can place. One process: returned unchanged (the engine reshards on device).
+
+    ``dtype``: the engine's serving (compute) dtype. Floating leaves are cast to it on the devices that hold
+    them *before* the gather, so half the bytes of a float32 policy cross the hosts.
+    Leaves larger than ``piece_bytes`` are gathered in slices along their first axis (the layers of a stacked
+    leaf): the device peak of a sync is one piece, not the largest leaf."""
     if not is_multiprocess():
         return params
-    # tiled=True: each global array comes back whole (not stacked per process). One leaf at a time: a gather of
-    # the whole tree replicates every parameter on every device at once (7B float32: 28 GiB per device,
-    # 32B: 122 GiB, past a v5p chip's HBM; measured by python -m orz_jax.compile); per leaf the device peak is
-    # the largest leaf (the embedding).
-    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
+
+    def one(x):
+        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype):
+            x = _cast_on_device(x, dtype)
+        nbytes = x.size * x.dtype.itemsize
+        # tiled=True: each global array comes back whole (not stacked per process)
+        if x.ndim == 0 or x.shape[0] == 1 or nbytes <= piece_bytes:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        out = np.empty(x.shape, x.dtype)
+        step = max(1, x.shape[0] * piece_bytes // nbytes)
+        for i in range(0, x.shape[0], step):
+            out[i:i + step] = np.asarray(multihost_utils.process_allgather(x[i:i + step], tiled=True))
+        return out
+
+    # One leaf (or piece) at a time: a gather of the whole tree replicates every parameter on every device at
+    # once (7B float32: 28 GiB per device, 32B: 122 GiB; measured by python -m orz_jax.compile).
+    return jax.tree.map(one, params)
 
 
 def to_global(tree: Any, sharding: Any) -> Any:

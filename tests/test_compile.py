@@ -134,12 +134,13 @@ def test_two_host_topology_serves_from_local_devices(compiled):
     assert r["serving_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}  # one host's 4 chips, tensor kept
     progs = _by_name(r)
     assert set(progs) == {"decode", "weight_sync", "actor_step"}
-    # multihost.to_serving gathers leaf by leaf: the compiled program is the largest leaf (the 256 x 64 float32
-    # embedding) gathered whole onto every device, its calls scale it to the whole policy by bytes
-    assert progs["weight_sync"]["output_bytes"] == 256 * 64 * 4
+    # multihost.to_serving casts each leaf to bf16 on its devices and gathers leaf by leaf: the compiled program
+    # is the largest leaf (the 256 x 64 embedding, now bf16) gathered whole onto every device, its calls scale it
+    # to the whole policy by bytes
+    assert progs["weight_sync"]["output_bytes"] == 256 * 64 * 2
     assert "all-gather" in progs["weight_sync"]["collectives"]
     params_total = r["resident"]["actor_state"] * 8 / 3  # params + 2 Adam moments, all float32, over 8 devices
-    assert progs["weight_sync"]["calls_per_iteration"] * 256 * 64 * 4 == pytest.approx(params_total, rel=0.05)
+    assert progs["weight_sync"]["calls_per_iteration"] * 256 * 64 * 2 == pytest.approx(params_total / 2, rel=0.05)
 
 
 def test_batched_decode_loop_is_unknown_and_counted_check_every_times(compiled):

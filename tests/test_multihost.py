@@ -174,3 +174,29 @@ def test_two_processes_one_iteration_equals_one_process(tmp_path):
               "critic/value_loss", "actor/grad_norm", "critic/grad_norm", "pack/fill"):
         assert mm[k] == pytest.approx(mr[k], rel=1e-5, abs=1e-7), k
     assert mr["critic/grad_norm"] > 0 and mr["actor/grad_norm"] > 0
+
+
+def test_to_serving_gathers_large_leaves_in_pieces_and_casts_first(monkeypatch):
+    """A stacked leaf larger than the piece size is gathered in slices along its layers axis, each cast to the
+    serving dtype before it leaves its devices; the host copy equals the cast of the whole leaf."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from orz_jax import multihost
+
+    calls = []
+
+    def fake_allgather(x, tiled=False):
+        calls.append((x.shape, x.dtype))
+        return np.asarray(x)
+
+    monkeypatch.setattr(multihost, "is_multiprocess", lambda: True)
+    monkeypatch.setattr(multihost.multihost_utils, "process_allgather", fake_allgather)
+    stack = jax.random.normal(jax.random.key(0), (8, 16, 32), jnp.float32)  # 16 KiB float32
+    small = jnp.arange(4, dtype=jnp.int32)
+    out = multihost.to_serving({"stack": stack, "small": small}, jnp.bfloat16, piece_bytes=2048)
+    # bf16 stack = 8 KiB; 2 KiB pieces -> 2 layers per piece, 4 gathers; the int leaf is not cast, one gather
+    assert sorted(calls, key=str) == sorted([((2, 16, 32), jnp.bfloat16)] * 4 + [((4,), jnp.int32)], key=str)
+    assert out["stack"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out["stack"], np.asarray(stack.astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(out["small"], np.arange(4))

@@ -417,7 +417,9 @@ class RolloutEngine(engine_api.Engine):
             raise ValueError(f"update_params: parameter tree differs from the served policy's "
                              f"({len(new_leaves)} vs {len(old_leaves)} leaves)")
         for (path, a), (_, b) in zip(old_leaves, new_leaves):
-            if a.shape != b.shape or a.dtype != b.dtype:
+            # host copies may arrive already in the serving dtype (multihost.to_serving casts before gathering)
+            host_cast = not isinstance(b, jax.Array) and b.dtype == self._serving_dtype(a.dtype)
+            if a.shape != b.shape or (a.dtype != b.dtype and not host_cast):
                 raise ValueError(f"update_params: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)}, "
                                  f"the served policy has {a.dtype}{list(a.shape)}")
         self._place(new)
