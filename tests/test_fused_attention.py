@@ -290,8 +290,12 @@ def test_splash_actor_step_compiles_for_v5p(tmp_path):
     import json
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["failures"] == [] and set(res["programs"]) == {"actor_step"}, res
-    print({k: (p["flops"] * p["trips"], p["model_flops"], p["compile_s"]) for k, p in res["programs"].items()})
+    print({k: (p["flops"], p["model_flops"], p["compile_s"]) for k, p in res["programs"].items()})
     assert res["calls"] >= 1, res  # 'auto' resolved to splash on the TPU mesh (the critic's trunk is the same code)
+    # the step covers at least forward + backward (3 of the 4 remat passes) of the model over every packed
+    # position (1.15x the 4-pass figure when written; the kernels' exact count: the hand-count test below)
+    a = res["programs"]["actor_step"]
+    assert a["flops"] >= 0.75 * a["model_flops"], a
 
 
 # ----------------------------------------------------------------------------------------------
