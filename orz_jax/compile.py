@@ -31,7 +31,12 @@ micro-batches, the decoder layers are a scan inside those, the loss a chunk scan
 Beside the compiled FLOPs: model FLOPs per device, matmul parameters x tokens x 2 per pass plus causal
 attention (4 x attended positions x heads x head_dim x layers per token and pass); passes = 1 for
 prepare_batch / prefill / decode (decode attends over the whole cache), 3 for a train step, 4 with remat
-(the forward recomputed); and the compiled / model ratio.
+(the forward recomputed); and the compiled / model ratio. For the PPO programs the tokens are every packed
+position (rows x pack_len, padding included: a static-shape program computes padding like tokens) with
+attention causal over each whole row, so compiled / model measures the kernels' and the compiler's overhead,
+not the buffer's fill; the real sample tokens' figure is kept beside it (``model_flops_real_tokens``).
+Splash attention kernels carry no Pallas cost estimate; ``orz_jax.models.attention`` puts each kernel's exact
+FLOPs in a named scope that ``orz_jax.hlo_cost`` reads from the compiled HLO.
 
 For the run: resident bytes per device (both train states, the engine's serving copy when it has one,
 the KV cache during rollouts) and each program's phase peak (resident + its arguments, outputs and
@@ -166,6 +171,8 @@ class ProgramReport:
     unknown_trips: int = 1  # the hint for loops whose trip count the HLO does not fix
     calls_per_iteration: float = 1.0
     model_flops: Optional[float] = None  # per device per call: 2N per token per pass + causal attention
+    # PPO programs: model_flops counts every packed position; this, the buffer's real sample tokens only
+    model_flops_real_tokens: Optional[float] = None
     resident_in_args: int = 0  # argument bytes that are resident state (not added twice to the peak)
     phase: str = ""
     peak_bytes: int = 0
@@ -495,23 +502,35 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
             phase="weight_sync")
 
     # -- PPO ---------------------------------------------------------------------------------------
-    # the worst-case buffer's real tokens per batch shard: per_row samples of prompt + response per row
+    # model FLOPs per packed position: the programs have static [rows, pack_len] shapes, so every position of
+    # every row (padding included) runs the matmuls, and attention is causal over each whole row (the segment
+    # mask only zeroes weights). compiled / model then measures the kernels' and the compiler's overhead, not
+    # how full the buffer is.
+    positions_dev = buf.rows * buf.pack_len / shards
+    row_attended = (buf.pack_len + 1) / 2
+    # beside it (model_flops_real_tokens): the worst-case buffer's real tokens per batch shard, per_row samples
+    # of prompt + response per row, each attending causally within its sample
     seq = min(buf.pack_len, cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
     sample_tokens_dev = buf.rows * min(buf.pack_len, buf.per_row * seq) / shards
-    attended = (seq + 1) / 2  # causal within each sample
+    attended = (seq + 1) / 2
 
-    def ppo_model(pc, passes):
-        return _model_flops(arch, pc.matmul, sample_tokens_dev, attended, passes) / tensor
+    def ppo_model(pcs, passes, real=False):
+        tokens, att = (sample_tokens_dev, attended) if real else (positions_dev, row_attended)
+        return sum(_model_flops(arch, pc.matmul, tokens, att, passes) / tensor for pc in pcs)
 
-    fwd_model = ppo_model(pc_actor, 1) + ppo_model(pc_critic, 1)
-    run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in,
-        # only the parameters are read: jit prunes the unused optimizer states from the arguments
-        model_flops=fwd_model, resident_in_args=actor_param_b + per_device_bytes(critic_in.params), phase="prepare")
+    def ppo_run(name, jitted, *args, pcs, passes, **kw):
+        p = run(name, jitted, *args, model_flops=ppo_model(pcs, passes), **kw)
+        if p is not None:
+            p.model_flops_real_tokens = ppo_model(pcs, passes, real=True)
+
+    ppo_run("prepare_batch", fns.prepare_batch, actor_in, critic_in, batch_in, *resp_in, pcs=(pc_actor, pc_critic),
+            passes=1, resident_in_args=actor_param_b + per_device_bytes(critic_in.params), phase="prepare")
+    # (prepare_batch reads only the parameters: jit prunes the unused optimizer states from the arguments)
     if cfg.ppo.critic_steps_per_batch > 0:
-        run("critic_step", fns.critic_step, critic_in, batch_in, model_flops=ppo_model(pc_critic, _train_passes(cfg)),
-            resident_in_args=critic_b, phase="critic_update")
-    run("actor_step", fns.actor_step, actor_in, batch_in, model_flops=ppo_model(pc_actor, _train_passes(cfg)),
-        resident_in_args=actor_b, phase="actor_update")
+        ppo_run("critic_step", fns.critic_step, critic_in, batch_in, pcs=(pc_critic,), passes=_train_passes(cfg),
+                resident_in_args=critic_b, phase="critic_update")
+    ppo_run("actor_step", fns.actor_step, actor_in, batch_in, pcs=(pc_actor,), passes=_train_passes(cfg),
+            resident_in_args=actor_b, phase="actor_update")
 
     # -- memory and roofline ----------------------------------------------------------------------
     resident = {"actor_state": actor_b, "critic_state": critic_b, "serving_params_copy": serving_copy_b,

@@ -161,7 +161,15 @@ def parse_hlo(text: str) -> dict[str, Computation]:
     """{computation name: Computation} of HLO module text (``compiled.as_text()``)."""
     comps: dict[str, Computation] = {}
     cur: Optional[Computation] = None
-    for line in text.splitlines():
+    pending = ""  # an instruction whose text spans lines (a tpu_custom_call's kernel_metadata holds newlines)
+    for raw in text.splitlines():
+        if pending or (cur is not None and _open_braces(raw) > 0):
+            pending = f"{pending} {raw}" if pending else raw  # one line: the instruction regex is per line
+            if _open_braces(pending) > 0:
+                continue
+            line, pending = pending, ""
+        else:
+            line = raw
         if cur is None:
             m = _COMP_RE.match(line)
             if m:
@@ -179,6 +187,21 @@ def parse_hlo(text: str) -> dict[str, Computation]:
         if line.lstrip().startswith("ROOT"):
             cur.root = ins
     return comps
+
+
+def _open_braces(text: str) -> int:
+    """Braces ``{`` opened and not closed in ``text``, outside string literals (JSON in backend configs)."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            esc, in_str = (False, in_str) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+    return depth
 
 
 def _attr(ins: Instr, key: str) -> Optional[str]:
@@ -271,14 +294,36 @@ def conv_flops(comp: Computation, ins: Instr) -> float:
 
 
 def _cost_estimate(ins: Instr) -> Optional[dict]:
-    """A Pallas kernel's ``CostEstimate`` (jax writes it into the tpu_custom_call backend_config)."""
+    """A Pallas kernel's ``CostEstimate`` (jax writes it into the tpu_custom_call backend_config); for a splash
+    attention kernel (which has none), ``{"flops": ...}`` from the ``splash_flops[...]`` scope in its op_name."""
     m = re.search(r'"cost_estimate"\s*:\s*(\{[^{}]*\})', ins.attrs)
-    if not m:
+    if m:
+        try:
+            return json.loads(m.group(1))
+        except ValueError:
+            return None
+    return _splash_estimate(ins)
+
+
+# from orz_jax.models.attention: splash_flops[fwd=N,dq=N,dkv=N] (kept here as text: no jax import in this module)
+_SPLASH_SCOPE_RE = re.compile(r"splash_flops\[fwd=(\d+),dq=(\d+),dkv=(\d+)\]")
+# the kernel's own scope (jax's get_kernel_name: splash_{mha|mqa}_{fwd|dq|dkv}[_segmented]_{no_}residuals)
+_SPLASH_KERNEL_RE = re.compile(r"/splash_m[hq]a_(fwd|dq|dkv)(?:_segmented)?_(?:no_)?residuals/")
+
+
+def _splash_estimate(ins: Instr) -> Optional[dict]:
+    """``{"flops": ...}`` of a splash tpu_custom_call: the scope ``orz_jax.models.attention.splash_attention``
+    wraps its kernels in holds each kernel's exact matmul FLOPs per call (local shapes, so per device); the
+    kernel's name in the op_name says which. No bytes: the call counts its operands + results as other ops do."""
+    if "tpu_custom_call" not in ins.attrs:
         return None
-    try:
-        return json.loads(m.group(1))
-    except ValueError:
+    op = re.search(r'op_name="([^"]*)"', ins.attrs)
+    scope = _SPLASH_SCOPE_RE.search(op.group(1)) if op else None
+    kind = _SPLASH_KERNEL_RE.search(op.group(1)) if op else None
+    if scope is None or kind is None:
         return None
+    flops = dict(zip(("fwd", "dq", "dkv"), scope.groups()))[kind.group(1)]
+    return {"flops": flops}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,7 +551,9 @@ class _Walker:
                 self.note(comp, ins, mult * conv_flops(comp, ins), 0.0)
             elif op == "custom-call":
                 est = _cost_estimate(ins)
-                if est is not None:
+                if est is not None and "bytes_accessed" not in est:  # splash: flops only; bytes as any op below
+                    self.note(comp, ins, mult * float(est.get("flops", 0)), 0.0)
+                elif est is not None:
                     self.note(comp, ins, mult * float(est.get("flops", 0)),
                               0.0 if fused else mult * float(est.get("bytes_accessed", 0)))
                     if not fused:

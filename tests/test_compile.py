@@ -117,9 +117,12 @@ def test_every_program_compiles_for_one_host(compiled):
     for name in ("actor_step", "critic_step", "prepare_batch"):
         assert progs[name]["unknown_loops"] == [] and progs[name]["loops"], name
         assert max(loop["trips"] * loop["times"] for loop in progs[name]["loops"]) == rows // 4, name
-    # compiled FLOPs (trips applied) cover the model's 8N per token + 4x causal attention (remat) ...
+    # compiled FLOPs (trips applied) cover at least forward + backward (3 of the model's 4 remat passes of 2N +
+    # causal attention) over every packed position, and the real tokens' whole 4-pass figure; below the 4-pass
+    # packed figure (0.96 here) because XLA drops recomputed-forward products the backward never reads (0.5B
+    # actor_step on v5p-8: 11 of the 12 MLP matmul passes per layer in the HLO) ...
     a = progs["actor_step"]
-    assert a["flops"] >= a["model_flops"] * 0.999
+    assert a["flops"] >= a["model_flops"] * 3 / 4 and a["flops"] >= a["model_flops_real_tokens"]
     # ... and not much more: the value/LM-head recompute and masked attention blocks add < 1.5x at these sizes
     assert a["flops"] <= 1.5 * a["model_flops"]
     assert a["xla_cost_analysis_loop_bodies_once"]["flops"] < a["flops"] / 2  # loop bodies once: short

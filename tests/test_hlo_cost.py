@@ -307,3 +307,40 @@ def test_tpu_aot_nested_scans_collectives_and_chain(tmp_path):
     assert r["pallas"]["flops"] == 3 * 12345 and r["pallas"]["kernel_bytes"] == 3 * 678
     assert 12345 <= r["pallas"]["xla_flops"] < 2 * 12345  # XLA: the body once (+ the loop counter's scalar ops)
     assert r["bmm"] == {"flops": 2 * 3 * 40 * 24 * 64, "xla_flops": 2 * 3 * 40 * 24 * 64, "window": True}
+
+
+def test_splash_kernels_flops_from_their_scope_across_multiline_instructions():
+    """libtpu writes a splash tpu_custom_call over several lines (its kernel_metadata JSON holds newlines) with
+    the op_name after them; the kernels have no cost_estimate, so their FLOPs come from the splash_flops scope
+    orz_jax.models.attention wraps them in, picked by the kernel's name. In a loop of 3; bytes = operands +
+    results as for any op. A custom call without the scope counts no FLOPs."""
+    def call(name, kind, shape):
+        return (f'  %{name} = {shape} custom-call(%x), custom_call_target="tpu_custom_call", '
+                'frontend_attributes={kernel_metadata={\n"xprof_metadata":"{\\"block_q\\": 128}"\n}}, '
+                'metadata={op_name="jit(f)/transpose(jvp())/shard_map/splash_flops[fwd=100,dq=20,dkv=3]/'
+                f'vmap(static_sparsity_splash)/jit(_splash_attention)/splash_mha_{kind}/splash_mha_{kind}/'
+                'pallas_call" stack_frame_id=8}, backend_config={"custom_call_config":{"body":"TUxJUgA="}}\n')
+    hlo = ("HloModule m\n\n"
+           "%cond (p: (s32[], f32[8,128])) -> pred[] {\n"
+           "  %p = (s32[], f32[8,128]) parameter(0)\n  %three = s32[] constant(3)\n"
+           "  %i = s32[] get-tuple-element(%p), index=0\n"
+           "  ROOT %lt = pred[] compare(%i, %three), direction=LT\n}\n\n"
+           "%body (q: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {\n"
+           "  %q = (s32[], f32[8,128]) parameter(0)\n  %i = s32[] get-tuple-element(%q), index=0\n"
+           "  %one = s32[] constant(1)\n  %next = s32[] add(%i, %one)\n"
+           "  %x = f32[8,128]{1,0} get-tuple-element(%q), index=1\n"
+           + call("fwd", "fwd_segmented_residuals", "f32[8,128]{1,0}")
+           + call("dq", "dq_segmented_no_residuals", "f32[8,128]{1,0}")
+           + call("dkv", "dkv_segmented_no_residuals", "f32[8,128]{1,0}")
+           + '  %other = f32[8,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", '
+             'metadata={op_name="jit(f)/pallas_call"}\n'
+           "  ROOT %t = (s32[], f32[8,128]) tuple(%next, %dkv)\n}\n\n"
+           "ENTRY %main (x: f32[8,128]) -> s32[] {\n  %x = f32[8,128]{1,0} parameter(0)\n"
+           "  %zero = s32[] constant(0)\n  %init = (s32[], f32[8,128]) tuple(%zero, %x)\n"
+           "  %loop = (s32[], f32[8,128]) while(%init), condition=%cond, body=%body\n"
+           "  ROOT %r = s32[] get-tuple-element(%loop), index=0\n}\n")
+    hc = analyze_hlo(hlo)
+    assert hc.flops == 3 * (100 + 20 + 3)
+    per = {t[1]: (t[3], t[4]) for t in hc.top("flops", 20) if t[2] == "custom-call"}
+    # operands + result: two [8, 128] float32 arrays per call, 3 times
+    assert per == {"fwd": (300, 3 * 8192), "dq": (60, 3 * 8192), "dkv": (9, 3 * 8192), "other": (0, 3 * 8192)}

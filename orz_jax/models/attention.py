@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import threading
 from typing import Optional
 
@@ -114,6 +115,41 @@ def _specs(mesh: Mesh, b: int, kv_heads: int):
     return q, q, PartitionSpec(batch, None)
 
 
+# The splash kernels carry no Pallas CostEstimate (jax 0.10.2's splash_attention_kernel passes none), so XLA and
+# orz_jax.hlo_cost would see ~0 FLOPs for them. splash_attention wraps each call in a named scope holding its exact
+# matmul FLOPs per kernel; the scope reaches the tpu_custom_calls' op_name metadata (forward and the backward
+# kernels, which run under transpose(jvp(...)) of it), where hlo_cost reads it.
+SPLASH_FLOPS_SCOPE = "splash_flops"
+SPLASH_FLOPS_RE = re.compile(r"splash_flops\[fwd=(\d+),dq=(\d+),dkv=(\d+)\]")
+# matmuls per visited (q block, kv block) pair and head, each 2 x bq x bkv x head_dim flops (read from jax
+# 0.10.2's splash_attention_kernel.py): fwd QK^T, PV; dq kernel QK^T, dO V^T, dS K; dkv kernel QK^T (as K Q^T),
+# P^T dO, V dO^T, dS^T Q, plus dS K when use_fused_bwd_kernel (then no dq kernel runs).
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "dkv_fused": 5}
+
+
+def causal_block_pairs(seq: int, block_q: int, block_kv: int) -> int:
+    """(q block, kv block) pairs of a causal [seq, seq] mask that are not fully masked: the pairs the splash
+    kernels visit (their ``block_mask`` is nonzero; the rest are skipped by ``should_run``). Query block i covers
+    rows [i bq, (i + 1) bq); kv block j is needed iff its first column j bkv <= the block's last row (i + 1) bq - 1.
+    Equals the nonzero count of jax's ``process_mask`` tables (tests/test_fused_attention.py)."""
+    nkv = seq // block_kv
+    return sum(min(nkv, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(seq // block_q))
+
+
+def splash_kernel_flops(rows: int, heads: int, seq: int, head_dim: int, sizes) -> dict[str, int]:
+    """Exact matmul FLOPs of one call of each splash kernel over ``rows`` rows x ``heads`` query heads of causal
+    [seq, seq] attention with ``head_dim``, for ``sizes`` (splash ``BlockSizes``): {"fwd", "dq", "dkv"} (dq is 0
+    with the fused backward kernel). Per visited block pair and head: matmuls x 2 x bq x bkv x head_dim."""
+    def kernel(bq, bkv, matmuls):
+        return rows * heads * causal_block_pairs(seq, bq, bkv) * matmuls * 2 * bq * bkv * head_dim
+
+    fused = sizes.use_fused_bwd_kernel
+    return {"fwd": kernel(sizes.block_q, sizes.block_kv, SPLASH_MATMULS["fwd"]),
+            "dq": 0 if fused else kernel(sizes.block_q_dq, sizes.block_kv_dq, SPLASH_MATMULS["dq"]),
+            "dkv": kernel(sizes.block_q_dkv, sizes.block_kv_dkv,
+                          SPLASH_MATMULS["dkv_fused" if fused else "dkv"])}
+
+
 def splash_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, segment_ids: jax.Array, *,
                      tiles: tuple[int, int, int] = (SPLASH_BLOCK,) * 3, mesh: Optional[Mesh] = None,
                      interpret: Optional[bool] = None) -> jax.Array:
@@ -149,7 +185,10 @@ def splash_attention(qh: jax.Array, kh: jax.Array, vh: jax.Array, segment_ids: j
         # built per trace from the local shapes: the mask tables are host constants (numpy) of [h', s/bq, s/bkv]
         mask = sm.MultiHeadMask([sm.CausalMask((s, s)) for _ in range(q.shape[1])])
         kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-        return jax.vmap(kernel)(q, k, v, sk.SegmentIds(q=seg, kv=seg))  # the kernel takes one row
+        # local shapes: the FLOPs of this device's call (hlo_cost reads them from the op_name)
+        f = splash_kernel_flops(q.shape[0], q.shape[1], s, d, sizes)
+        with jax.named_scope(f"{SPLASH_FLOPS_SCOPE}[fwd={f['fwd']},dq={f['dq']},dkv={f['dkv']}]"):
+            return jax.vmap(kernel)(q, k, v, sk.SegmentIds(q=seg, kv=seg))  # the kernel takes one row
 
     if mesh is None or mesh.size == 1:
         out = local(q, kh, vh, segment_ids)
