@@ -376,6 +376,15 @@ class RolloutEngine(engine_api.Engine):
             self._advance(int(num_steps))
         return self._steps_jit(params, decode_state, int(num_steps), self.sampling, window)
 
+    def forget_slot(self, slot: int) -> None:
+        """Host side only: a driver is done with ``slot`` (its request ended on the host: EOS, stop string or
+        token limit) and will not read it until the next insert overwrites it. It stops holding the decode
+        window open; the device may still step it (after a stop string), but those writes land in the full
+        cache (never dropped, never read) and its outputs go unread. Call before the slot is reused."""
+        with self._lock:
+            self._bound[slot] = 0
+            self._cap[slot] = 0
+
     def release(self, decode_state: DecodeState, mask: np.ndarray) -> DecodeState:
         """Mark the slots in ``mask`` ([slots] bool) done, e.g. after the host saw a stop string there."""
         mask = np.asarray(mask, dtype=bool)
