@@ -13,8 +13,9 @@ gives them:
 
 * ``prefill[B]`` for each bucket B of ``rollout.prefill_buckets``, ``insert[B]`` of its prefix into a slot,
   ``init_decode_state`` (the KV cache), ``decode`` (``generate``: one step of ``max_concurrent_decodes``
-  slots; the batched driver's ``generate_steps`` + ``release``), ``eval_decode`` when evaluation samples
-  at another temperature;
+  slots; the batched driver's ``generate_steps`` + ``release``), compiled as ``decode[W=...]`` at two
+  decode windows (the rollout's first and the whole cache) when the cache has several, ``eval_decode``
+  when evaluation samples at another temperature;
 * ``weight_sync``: the parameters from the training layout into the engine's (one process: an identity
   that XLA reduces to nothing when the layouts agree; several processes: the all-gather of
   ``multihost.to_serving``);
