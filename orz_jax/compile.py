@@ -13,8 +13,9 @@ gives them:
 
 * ``prefill[B]`` for each bucket B of ``rollout.prefill_buckets``, ``insert[B]`` of its prefix into a slot,
   ``init_decode_state`` (the KV cache), ``decode`` (``generate``: one step of ``max_concurrent_decodes``
-  slots; the batched driver's ``generate_steps`` + ``release``), ``eval_decode`` when evaluation samples
-  at another temperature;
+  slots; the batched driver's ``generate_steps`` + ``release``), compiled as ``decode[W=...]`` at two
+  decode windows (the rollout's first and the whole cache) when the cache has several, ``eval_decode``
+  when evaluation samples at another temperature;
 * ``weight_sync``: the parameters from the training layout into the engine's (one process: an identity
   that XLA reduces to nothing when the layouts agree; several processes: the all-gather of
   ``multihost.to_serving``);
@@ -49,6 +50,7 @@ program does not compile or does not fit; 2 on a bad config.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -453,21 +455,39 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
     # its output is the resident KV cache itself: counted once in the phase peak
     run("init_decode_state", engine._init_jit, calls=waves, resident_in_args=kv_b, phase="rollout")
     slots_dev = slots / (serve_shape["data"] * serve_shape["fsdp"])
-    # one token per slot, attending over the whole cache (the compiled step reads every position, masked)
-    decode_model = _model_flops(arch, pc_actor.matmul, slots_dev, engine.max_len, 1) / serve_shape["tensor"]
-    if cfg.rollout.driver == "orchestrator":
-        run("decode", engine._generate_jit, sparams, state_in, static=(engine.sampling,), calls=decode_steps,
-            model_flops=decode_model, resident_in_args=serving_b + kv_b, phase="rollout")
-    else:
-        k = cfg.rollout.check_every
-        run("decode", engine._steps_jit, sparams, state_in, static=(k, engine.sampling), unknown_trips=k,
-            calls=decode_steps / k, model_flops=decode_model * k, resident_in_args=serving_b + kv_b, phase="rollout")
+
+    def decode_model(w):  # one token per slot, attending over the window's W positions (masked beyond a slot's)
+        return _model_flops(arch, pc_actor.matmul, slots_dev, w, 1) / serve_shape["tensor"]
+
+    # Decode reads the KV cache up to a window (RolloutEngine.window_for). Compiled at two windows: the first
+    # window of a rollout (the longest prompt bucket + 1 step) and the whole cache (the memory peak). Costs are
+    # affine in the window (the attention reads W positions; weights and the rest are fixed), so the mean step
+    # cost over a wave's window schedule (bucket + n for n = 0 .. max_response_len - 1, the worst case that
+    # every sample runs to the limit) is the cost at the schedule's mean window W_mean, i.e. the two compiled
+    # programs weighted (W_max - W_mean) / (W_max - W_lo) and the rest: those weights split the decode calls.
+    k = 1 if cfg.rollout.driver == "orchestrator" else cfg.rollout.check_every
+    sched = [engine.windows[min(bisect.bisect_left(engine.windows, min(engine.buckets[-1] + n + k, engine.max_len)),
+                                len(engine.windows) - 1)] for n in range(0, cfg.rollout.max_response_len, k)]
+    w_lo, w_hi = sched[0], engine.windows[-1]
+    lam = (w_hi - sum(sched) / len(sched)) / (w_hi - w_lo) if w_hi > w_lo else 0.0
+    decode_windows = [("decode", w_hi, 1.0)] if w_hi == w_lo else [(f"decode[W={w_lo}]", w_lo, lam),
+                                                                   (f"decode[W={w_hi}]", w_hi, 1.0 - lam)]
+    for name, w, share in decode_windows:
+        if cfg.rollout.driver == "orchestrator":
+            run(name, engine._generate_jit, sparams, state_in, static=(engine.sampling, w),
+                calls=decode_steps * share, model_flops=decode_model(w), resident_in_args=serving_b + kv_b,
+                phase="rollout")
+        else:
+            run(name, engine._steps_jit, sparams, state_in, static=(k, engine.sampling, w), unknown_trips=k,
+                calls=decode_steps / k * share, model_flops=decode_model(w) * k, resident_in_args=serving_b + kv_b,
+                phase="rollout")
+    if cfg.rollout.driver != "orchestrator":
         mask_in = jax.ShapeDtypeStruct((slots,), jnp.bool_, sharding=srep)
         run("release", engine._release_jit, state_in, mask_in, calls=decode_steps / k, resident_in_args=kv_b,
             phase="rollout")
     if cfg.eval.every and cfg.eval.temperature != cfg.rollout.temperature:
         eval_sampling = SamplingParams.from_config(dataclasses.replace(cfg.rollout, temperature=cfg.eval.temperature))
-        run("eval_decode", engine._generate_jit, sparams, state_in, static=(eval_sampling,), calls=0.0,
+        run("eval_decode", engine._generate_jit, sparams, state_in, static=(eval_sampling, w_hi), calls=0.0,
             resident_in_args=serving_b + kv_b, phase="rollout")
 
     # -- weight sync (trainer: engine.update_params(to_serving(actor.params))) ----------------------

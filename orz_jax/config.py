@@ -126,6 +126,10 @@ class RolloutConfig:
     long_prompt: Literal["filter", "left_truncate", "error"] = "filter"
     # Batched driver: decode steps per device call between host checks for finished samples / stop strings.
     check_every: int = 8
+    # Decode reads the KV cache only up to a window holding every live slot: windows are this many positions
+    # x 1, 2, 4, ... up to the cache length (each compiles once). 512: a few programs for ORZ's 10k-position
+    # cache (<= 5) while a step reads under 2x the live KV; 0 reads the whole cache every step.
+    decode_window_block: int = 512
     # Orchestrator driver: give up (a clear error naming what was outstanding) when no token has been generated
     # and no request prefilled for this many seconds: a stuck request or thread. Covers first-call compiles.
     timeout_s: float = 1800.0
@@ -547,6 +551,7 @@ def validate(cfg: Config) -> None:
            f"largest bucket {r.prefill_buckets[-1]} must be >= rollout.max_prompt_len={r.max_prompt_len}")
     _check(r.max_concurrent_decodes >= 1, "rollout.max_concurrent_decodes", "must be >= 1")
     _check(r.check_every >= 1, "rollout.check_every", "must be >= 1")
+    _check(r.decode_window_block >= 0, "rollout.decode_window_block", "must be >= 0 (0: no window)")
     _check(0 < r.timeout_s < float("inf"), "rollout.timeout_s", "must be a number of seconds > 0")
 
     p = cfg.ppo

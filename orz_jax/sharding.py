@@ -40,6 +40,8 @@ LOGICAL_RULES: dict[str, Any] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    # the KV cache's folded kv_heads x head_dim dim (head-major): sharded by whole kv heads over tensor
+    "kv_fold": "tensor",
     "mlp": "tensor",
     "layers": None,  # the stacked decoder blocks' leading axis: every device holds every layer's shard
     "value": None,
@@ -166,6 +168,16 @@ def use_mesh(mesh: Optional[Mesh]):
 
 def current_mesh() -> Optional[Mesh]:
     return getattr(_CTX, "mesh", None)
+
+
+def kv_fold_shards(kv_heads: int) -> int:
+    """Shards of the KV cache's folded (``kv_fold``) dim under the current mesh: the size of its mesh axis
+    when that divides ``kv_heads`` (each shard then holds whole heads), else 1 (not sharded by head)."""
+    mesh = current_mesh()
+    if mesh is None:
+        return 1
+    n = _axis_size(mesh, logical_to_spec(("kv_fold",))[0])
+    return n if kv_heads % n == 0 else 1
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:

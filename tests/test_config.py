@@ -56,6 +56,7 @@ def test_overrides_apply_and_parse_types():
     ("model.arch.num_heads=abc", "model.arch.num_heads: expected an integer, got 'abc'"),
     ("rollout.driver=fast", "rollout.driver: 'fast' is not one of ['orchestrator', 'batched']"),
     ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1]"),
+    ("rollout.decode_window_block=-1", "rollout.decode_window_block: must be >= 0"),
     ("ppo.actor.lr=0", "ppo.actor.lr: must be > 0"),
     ("mesh.fsdp=0", "mesh.fsdp: must be >= 1 or -1"),
     ("ppo.pack_len=10", "ppo.pack_len: must hold one whole sample"),

@@ -397,5 +397,5 @@ def test_sharded_engine_greedy_equals_full_forward():
             assert [got.response_ids[i, :got.response_mask[i].sum()].tolist() for i in range(5)] == expected
         print("OK")
     """, n_devices=4, timeout=300)
-    assert "cache spec P(None, ('data', 'fsdp'), None, 'tensor', None)" in out
+    assert "cache spec P(None, ('data', 'fsdp'), None, 'tensor')" in out
     assert "OK" in out

@@ -25,7 +25,7 @@ from flax import nnx
 
 from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig
 from orz_jax.models.attention import AttentionSpec, cudnn_attention, splash_attention
-from orz_jax.sharding import constrain
+from orz_jax.sharding import constrain, kv_fold_shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully-masked (padding) rows stay NaN-free
@@ -52,18 +52,35 @@ def _ones(shape, axes, dtype, stack: int = 0) -> nnx.Param:
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    """Keys and values of every layer, heads folded into one minor dimension.
+
+    ``kv_heads x head_dim`` is stored as one ``kv_fold`` dimension (head-major): the TPU tiles the two
+    minor dimensions of an array in (8, 128) tiles, so a separate ``head_dim`` of 64 (Qwen2.5-0.5B) was
+    padded to 128 lanes and the decode step materialised padded copies of the whole cache (docs/tpu,
+    issue #13). Folded, the minor dimension is ``kv_heads * head_dim`` (128 for 0.5B) and decode attention
+    contracts over it directly (``folded_decode_attention``).
+    """
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads * head_dim]
+    v: jax.Array  # [layers, batch, max_len, kv_heads * head_dim]
     lengths: jax.Array  # [batch] int32: filled positions per row
+    # Static: attention reads only positions [0, window) of the cache (0: all of it). The rollout engine
+    # sets it per decode program to the smallest window holding every live row (decode reads live KV only).
+    window: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
     def init(cls, arch: ArchConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (arch.num_layers, batch, max_len, arch.num_kv_heads, arch.resolved_head_dim)
+        shape = (arch.num_layers, batch, max_len, arch.num_kv_heads * arch.resolved_head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def read_len(self) -> int:
+        """Positions attention reads: the window, or the whole cache."""
+        return self.max_len if self.window <= 0 else min(self.window, self.max_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,13 +189,18 @@ class Attention(nnx.Module):
             # every decode step.
             rows = jnp.arange(b)[:, None]  # [batch, 1]
             cols = cache.lengths[:, None] + q_idx  # [batch, seq]
-            k_all = cache.k.at[layer, rows, cols].set(k.astype(cache.k.dtype), mode="drop")
-            v_all = cache.v.at[layer, rows, cols].set(v.astype(cache.v.dtype), mode="drop")
+            fold = self.num_kv_heads * self.head_dim  # the cache's folded minor dim (see KVCache)
+            k_all = cache.k.at[layer, rows, cols].set(k.reshape(b, s, fold).astype(cache.k.dtype), mode="drop")
+            v_all = cache.v.at[layer, rows, cols].set(v.reshape(b, s, fold).astype(cache.v.dtype), mode="drop")
             cache = cache.replace(k=k_all, v=v_all)
-            keys, values = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
-            k_idx = jnp.arange(cache.max_len)[None, :]
+            # Only the window's positions are read: a static-size slice of this layer, so what XLA reads
+            # scales with the window, not with the allocated max_len.
+            w = cache.read_len
+            keys = jax.lax.dynamic_slice(k_all, (layer, 0, 0, 0), (1, b, w, fold))[0].astype(self.dtype)
+            values = jax.lax.dynamic_slice(v_all, (layer, 0, 0, 0), (1, b, w, fold))[0].astype(self.dtype)
+            k_idx = jnp.arange(w)[None, :]  # [1, window]
             q_abs = cache.lengths[:, None] + q_idx  # [batch, seq] absolute index of each query in the row
-            mask = k_idx[:, None, :] <= q_abs[:, :, None]  # [batch, q, max_len]
+            mask = k_idx[:, None, :] <= q_abs[:, :, None]  # [batch, q, window]
 
         g = self.num_heads // self.num_kv_heads
         qg = q.reshape(b, s, self.num_kv_heads, g, self.head_dim)  # [batch, seq, kv_heads, group, head_dim]
@@ -200,11 +222,8 @@ class Attention(nnx.Module):
                 out = _attend(qh, kh, vh, mask, self.dtype)
             out = out.transpose(0, 3, 1, 2, 4)  # [batch, q, kv_heads, group, head_dim]
         else:
-            # Decode: seq-major, as the cache is stored; transposing the cache layer every step would copy
-            # all of it (20% slower at b=8 on a CPU).
-            scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys)  # [batch, kv_heads, group, q, max_len]
-            probs = _masked_softmax(scores, mask, self.head_dim, self.dtype)
-            out = jnp.einsum("bkgst,btkd->bskgd", probs, values)
+            # Prefill / decode against the folded cache, read as stored (no transposed or head-split copy).
+            out = folded_attention(qg, keys, values, mask, kv_fold_shards(self.num_kv_heads), self.dtype)
         out = out.reshape(b, s, self.num_heads, self.head_dim)
         y = jnp.einsum("bshd,hde->bse", out, self.o.value.astype(self.dtype))
         return y, cache
@@ -216,6 +235,39 @@ def _masked_softmax(scores, mask, head_dim: int, dtype):
     scores = scores.astype(jnp.float32) / math.sqrt(head_dim)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def folded_attention(qg, keys, values, mask, shards: int, dtype):
+    """Attention of grouped queries against a folded cache, contracting over the folded dim as stored.
+
+    qg: [batch, q, kv_heads, group, head_dim]; keys, values: [batch, k, kv_heads * head_dim] (head-major);
+    mask: [batch, q, k]; ``shards``: how many (tensor) shards the folded dim is split into, a divisor of
+    kv_heads -> [batch, q, kv_heads, group, head_dim].
+
+    The query is spread block-diagonally over the local part of the folded dim (head j's vector in block j,
+    zeros elsewhere), so both einsums contract over / produce the whole 128-wide (or wider) minor dim of the
+    cache and the cache is never reshaped into a 64-lane layout the TPU would pad (issue #13). It costs
+    kv_heads / shards times the attention FLOPs, which decode (HBM-bound: the cache is read once per step)
+    does not notice. Exact: the zeros add exact zeros, and the output keeps only the diagonal blocks.
+    Splitting the folded dim into ``shards`` leading blocks keeps each device's contraction local when
+    the cache is sharded over kv heads.
+    """
+    b, s, kvh, g, d = qg.shape
+    t = keys.shape[1]
+    local = kvh // shards  # kv heads per shard
+    q6 = qg.reshape(b, s, shards, local, g, d)  # [batch, q, shards, local, group, head_dim]
+    q6 = constrain(q6, ("batch", "seq", "act_kv_heads", None, None, None))
+    eye = jnp.eye(local, dtype=bool)[:, None, :, None]  # [local, 1, local, 1]
+    qbd = jnp.where(eye, q6[:, :, :, :, :, None, :], jnp.zeros((), qg.dtype))  # [b, q, shards, local, g, local, d]
+    qbd = qbd.reshape(b, s, shards, local, g, local * d)  # block-diagonal over the local folded dim
+    kc = constrain(keys.reshape(b, t, shards, local * d), ("batch", "cache_seq", "act_kv_heads", None))
+    vc = constrain(values.reshape(b, t, shards, local * d), ("batch", "cache_seq", "act_kv_heads", None))
+    scores = jnp.einsum("bscjgf,btcf->bcjgst", qbd, kc)  # [batch, shards, local, group, q, k]
+    probs = _masked_softmax(scores.reshape(b, kvh, g, s, t), mask, d, dtype)
+    out = jnp.einsum("bcjgst,btcf->bscjgf", probs.reshape(b, shards, local, g, s, t), vc)
+    out = out.reshape(b, s, shards, local, g, local, d)  # [.., head j, group, block m, head_dim]
+    out = jnp.diagonal(out, axis1=3, axis2=5)  # block m == head j: [b, q, shards, g, d, local]
+    return out.transpose(0, 1, 2, 5, 3, 4).reshape(b, s, kvh, g, d)
 
 
 def _attend(qh, kh, vh, mask, dtype):

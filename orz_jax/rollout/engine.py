@@ -68,7 +68,7 @@ NO_BOS = -1
 class Prefix:
     """The result of ``prefill`` for one prompt of L tokens, bucket length B >= L."""
 
-    cache: KVCache  # k, v: [layers, 1, B, kv_heads, head_dim]; lengths [1] = L - 1
+    cache: KVCache  # k, v: [layers, 1, B, kv_heads * head_dim]; lengths [1] = L - 1
     next_token: jax.Array  # [1] int32: the last prompt token, the first decode input
 
 
@@ -76,7 +76,7 @@ class Prefix:
 class DecodeState:
     """Everything a decode step transforms; one row per slot."""
 
-    cache: KVCache  # k, v: [layers, slots, max_len, kv_heads, head_dim]; lengths [slots]
+    cache: KVCache  # k, v: [layers, slots, max_len, kv_heads * head_dim]; lengths [slots]
     tokens: jax.Array  # [slots] int32: next input token
     keys: jax.Array  # [slots] PRNG key of the request in the slot
     steps: jax.Array  # [slots] int32: tokens generated so far
@@ -191,25 +191,33 @@ class RolloutEngine(engine_api.Engine):
             self.params = self._source_avals  # placeholder for the first _place (nothing to donate)
             self._place(params)
 
-        kv_axes = ("layers", "slots", "cache_seq", "kv_heads", "head_dim")
-        kv_shape = (self.arch.num_layers, self.slots, self.max_len, self.arch.num_kv_heads,
-                    self.arch.resolved_head_dim)
+        kv_axes = ("layers", "slots", "cache_seq", "kv_fold")  # heads folded: see KVCache
+        kv_shape = (self.arch.num_layers, self.slots, self.max_len,
+                    self.arch.num_kv_heads * self.arch.resolved_head_dim)
+        # the folded dim shards by whole kv heads (kv_fold and kv_heads map to the same mesh axis)
+        named_sharding(mesh, ("kv_heads",), (self.arch.num_kv_heads,), name="KV cache kv_heads")
         row = named_sharding(mesh, ("slots",), (self.slots,), name="decode slots")
         buf = named_sharding(mesh, ("slots", None), (self.slots, self.max_new_tokens), name="decode buffers")
         kv = named_sharding(mesh, kv_axes, kv_shape, name="KV cache")
         self._state_shardings = DecodeState(cache=KVCache(k=kv, v=kv, lengths=row), tokens=row, keys=row,
                                             steps=row, limit=row, done=row, out_tokens=buf, out_logprobs=buf)
         # A prefix has one row: only the head axes can shard.
-        pk = NamedSharding(mesh, PartitionSpec(None, None, None, *kv.spec[3:]))
+        pk = NamedSharding(mesh, PartitionSpec(None, None, None, *kv.spec[3:]))  # [layers, 1, B, kv_fold]
         rep = NamedSharding(mesh, PartitionSpec())
         self._prefix_shardings = Prefix(cache=KVCache(k=pk, v=pk, lengths=rep), next_token=rep)
 
         self._init_jit = jax.jit(self._init_impl, out_shardings=self._state_shardings)
         self._prefill_jit = jax.jit(self._prefill_impl)
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,), out_shardings=self._state_shardings)
-        self._generate_jit = jax.jit(self._generate_impl, static_argnums=(2,), donate_argnums=(1,))
-        self._steps_jit = jax.jit(self._steps_impl, static_argnums=(2, 3), donate_argnums=(1,),
+        # decode programs: one compile per (sampling, window); the window is the KV positions attention reads
+        self._generate_jit = jax.jit(self._generate_impl, static_argnums=(2, 3), donate_argnums=(1,))
+        self._steps_jit = jax.jit(self._steps_impl, static_argnums=(2, 3, 4), donate_argnums=(1,),
                                   out_shardings=self._state_shardings)
+        self.windows = decode_windows(cfg.decode_window_block, self.max_len)
+        # Host-side upper bound of each slot's filled cache length (no device sync): the prefix's bucket at
+        # insert + one per decode step since, capped at bucket + token limit. 0: empty slot.
+        self._bound = np.zeros((self.slots,), np.int64)
+        self._cap = np.zeros((self.slots,), np.int64)
         self._release_jit = jax.jit(lambda state, mask: state.replace(done=state.done | mask), donate_argnums=(0,),
                                     out_shardings=self._state_shardings)
         self._lock = threading.Lock()
@@ -271,8 +279,8 @@ class RolloutEngine(engine_api.Engine):
 
     def _insert_impl(self, prefix: Prefix, state: DecodeState, slot, base_key, request, limit) -> DecodeState:
         c = state.cache
-        k = jax.lax.dynamic_update_slice(c.k, prefix.cache.k.astype(c.k.dtype), (0, slot, 0, 0, 0))
-        v = jax.lax.dynamic_update_slice(c.v, prefix.cache.v.astype(c.v.dtype), (0, slot, 0, 0, 0))
+        k = jax.lax.dynamic_update_slice(c.k, prefix.cache.k.astype(c.k.dtype), (0, slot, 0, 0))
+        v = jax.lax.dynamic_update_slice(c.v, prefix.cache.v.astype(c.v.dtype), (0, slot, 0, 0))
         return state.replace(
             cache=c.replace(k=k, v=v, lengths=c.lengths.at[slot].set(prefix.cache.lengths[0])),
             tokens=state.tokens.at[slot].set(prefix.next_token[0]),
@@ -280,13 +288,17 @@ class RolloutEngine(engine_api.Engine):
             steps=state.steps.at[slot].set(0), limit=state.limit.at[slot].set(limit),
             done=state.done.at[slot].set(False))
 
-    def _step(self, params, state: DecodeState, sampling: SamplingParams):
-        """One decode step for every slot -> (state, tokens [slots], logprobs [slots], live [slots])."""
+    def _step(self, params, state: DecodeState, sampling: SamplingParams, window: int = 0):
+        """One decode step for every slot -> (state, tokens [slots], logprobs [slots], live [slots]).
+        ``window``: attention reads cache positions [0, window) only (0: all); it must exceed every live
+        slot's filled length (the host's bound guarantees it, see :meth:`window_for`)."""
         live = ~state.done  # [slots]
         positions = state.cache.lengths[:, None]  # [slots, 1]: the next token's position = filled length
         with use_mesh(self._mesh):
             logits, cache = self._model(params)(state.tokens[:, None], positions,
-                                                live[:, None].astype(jnp.int32), cache=state.cache)
+                                                live[:, None].astype(jnp.int32),
+                                                cache=state.cache.replace(window=window))
+        cache = cache.replace(window=0)  # the state's structure does not depend on the window
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)  # [slots]
         tokens, logprobs = sample_tokens(logits[:, 0], keys, sampling)  # [slots], [slots]
         tokens = jnp.where(live, tokens, self.pad_id)
@@ -301,8 +313,8 @@ class RolloutEngine(engine_api.Engine):
             out_logprobs=state.out_logprobs.at[rows, at].set(logprobs, mode="drop"))
         return state, tokens, logprobs, live
 
-    def _generate_impl(self, params, state: DecodeState, sampling: SamplingParams):
-        state, tokens, logprobs, live = self._step(params, state, sampling)
+    def _generate_impl(self, params, state: DecodeState, sampling: SamplingParams, window: int = 0):
+        state, tokens, logprobs, live = self._step(params, state, sampling, window)
         state = jax.lax.with_sharding_constraint(state, self._state_shardings)
         # JetStream's result layout: [slots, 4] int32 = token | valid | tokens generated | logprob bits
         # (column 3 is ours: the rollout collector reads the float32 log-prob back from its bits).
@@ -312,15 +324,16 @@ class RolloutEngine(engine_api.Engine):
                                          samples_per_slot=1)
         return state, result
 
-    def _steps_impl(self, params, state: DecodeState, num_steps: int, sampling: SamplingParams):
-        """Up to ``num_steps`` decode steps in one call; stops early once every slot is done."""
+    def _steps_impl(self, params, state: DecodeState, num_steps: int, sampling: SamplingParams, window: int = 0):
+        """Up to ``num_steps`` decode steps in one call; stops early once every slot is done. ``window``
+        must hold every live slot's length after ``num_steps`` - 1 steps."""
         def cond(c):
             i, s = c
             return (i < num_steps) & ~jnp.all(s.done)
 
         def body(c):
             i, s = c
-            return i + 1, self._step(params, s, sampling)[0]
+            return i + 1, self._step(params, s, sampling, window)[0]
 
         return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
@@ -332,6 +345,11 @@ class RolloutEngine(engine_api.Engine):
         return self.params
 
     def init_decode_state(self, *args, **kwargs) -> DecodeState:
+        """A fresh decode state (every slot empty). The engine keeps one host-side window bound per slot,
+        so it drives one decode state at a time (as JetStream's orchestrator and our drivers do)."""
+        with self._lock:
+            self._bound[:] = 0
+            self._cap[:] = 0
         return self._init_jit()
 
     def prefill(self, *, params: Any, existing_prefix: Optional[Prefix] = None, padded_tokens: Any,
@@ -351,22 +369,53 @@ class RolloutEngine(engine_api.Engine):
 
     def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         """Arm ``slot`` with ``prefix`` as the next request (request number = insert count)."""
+        bucket = int(prefix.cache.k.shape[2])  # >= the prefix's filled length; a static shape: no sync
         with self._lock:
             request = self._num_requests
             self._num_requests += 1
+            self._bound[slot] = bucket
+            self._cap[slot] = bucket + self.token_limit
         return self._insert_jit(prefix, decode_state, np.int32(slot), self._base_key, np.int32(request),
                                 np.int32(self.token_limit))
 
+    def window_for(self, num_steps: int = 1) -> int:
+        """The smallest decode window holding every slot's next ``num_steps`` positions: a slot of filled
+        length n writes and reads position n, so the window must exceed bound + num_steps - 1."""
+        need = int(np.max(np.minimum(self._bound + num_steps, self._cap), initial=1))
+        return self.windows[min(bisect.bisect_left(self.windows, need), len(self.windows) - 1)]
+
+    def _advance(self, num_steps: int) -> None:
+        self._bound = np.minimum(self._bound + num_steps, self._cap)
+
     def generate(self, params: Any, decode_state: DecodeState) -> tuple[DecodeState, engine_api.ResultTokens]:
-        return self._generate_jit(params, decode_state, self.sampling)
+        with self._lock:
+            window = self.window_for(1)
+            self._advance(1)
+        return self._generate_jit(params, decode_state, self.sampling, window)
 
     def generate_steps(self, params: Any, decode_state: DecodeState, num_steps: int) -> DecodeState:
         """``num_steps`` decode steps in one dispatch (fewer host round trips for the batched driver)."""
-        return self._steps_jit(params, decode_state, int(num_steps), self.sampling)
+        with self._lock:
+            window = self.window_for(int(num_steps))
+            self._advance(int(num_steps))
+        return self._steps_jit(params, decode_state, int(num_steps), self.sampling, window)
+
+    def forget_slot(self, slot: int) -> None:
+        """Host side only: a driver is done with ``slot`` (its request ended on the host: EOS, stop string or
+        token limit) and will not read it until the next insert overwrites it. It stops holding the decode
+        window open; the device may still step it (after a stop string), but those writes land in the full
+        cache (never dropped, never read) and its outputs go unread. Call before the slot is reused."""
+        with self._lock:
+            self._bound[slot] = 0
+            self._cap[slot] = 0
 
     def release(self, decode_state: DecodeState, mask: np.ndarray) -> DecodeState:
         """Mark the slots in ``mask`` ([slots] bool) done, e.g. after the host saw a stop string there."""
-        return self._release_jit(decode_state, np.asarray(mask, dtype=bool))
+        mask = np.asarray(mask, dtype=bool)
+        with self._lock:  # a released slot no longer needs the window
+            self._bound[mask] = 0
+            self._cap[mask] = 0
+        return self._release_jit(decode_state, mask)
 
     def get_prefix_destination_sharding(self) -> Any:
         return self._prefix_shardings
@@ -471,6 +520,18 @@ class RolloutEngine(engine_api.Engine):
                     x.delete()
             self.params = jax.device_put(host, self._param_shardings)
             self._owns_copy = True
+
+
+def decode_windows(block: int, max_len: int) -> list[int]:
+    """The decode windows: ``block`` x 1, 2, 4, ... below ``max_len``, then ``max_len`` (block <= 0: only
+    max_len). Geometric, so a run compiles at most log2(max_len / block) + 1 decode programs per sampling
+    setting and a step reads less than twice the longest live slot's KV (or one block)."""
+    out = []
+    w = block
+    while 0 < w < max_len:
+        out.append(w)
+        w *= 2
+    return out + [max_len]
 
 
 class CompileCounter:

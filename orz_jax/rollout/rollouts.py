@@ -311,6 +311,8 @@ class _RolloutDriver(orchestrator.Driver):
                         collector = request.return_channel
                         if collector.feed(int(data[slot, 0]), float(logprobs[slot])):
                             del live[slot]
+                            # before the slot is reused: it no longer holds the decode window open
+                            self._generate_engines[idx].forget_slot(slot)
                             free_slots.put(slot, block=False)
                             self._on_finished(collector)
                 else:
