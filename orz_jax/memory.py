@@ -306,10 +306,14 @@ def _kv_heads_per_device(arch: ArchConfig, tensor: int) -> int:
 def per_device_memory(arch: ArchConfig, mesh: Mesh3, *, slots: int, max_len: int,
                       param_dtype: str = "float32", compute_dtype: str = "bfloat16", master_copy: bool = False,
                       moment_dtype: str = "float32", with_critic: bool = True,
-                      rollout_weight_copy: bool = True, processes: int = 1) -> MemoryBreakdown:
+                      rollout_weight_copy: Optional[bool] = None, processes: int = 1) -> MemoryBreakdown:
     """Per-device bytes on ``mesh`` (``processes`` hosts) for PPO with an actor, a critic and, on every host, a
     decode engine of ``slots`` KV-cache rows of ``max_len`` positions. ``rollout_weight_copy``: the engine holds
-    its own compute-dtype copy of the policy, sharded over the serving mesh's ``tensor`` axis only."""
+    its own compute-dtype copy of the policy, sharded over the serving mesh's ``tensor`` axis only; default as
+    the engine decides: a copy unless the trainer's parameters already are in the serving dtype and layout (one
+    process, no fsdp shards, compute dtype = parameter dtype), which it then shares."""
+    if rollout_weight_copy is None:
+        rollout_weight_copy = compute_dtype != param_dtype or processes > 1 or mesh.fsdp > 1
     actor_n = num_params(arch, "policy")
     critic_n = num_params(arch, "critic") if with_critic else 0
     ps = mesh.param_shards

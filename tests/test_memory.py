@@ -137,9 +137,11 @@ def test_kv_heads_replicated_when_tensor_does_not_divide():
 def test_master_copy_and_same_dtype():
     m = M.per_device_memory(TINY, M.Mesh3(1, 1, 1), slots=1, max_len=1, param_dtype="bfloat16",
                             compute_dtype="bfloat16", master_copy=True)
-    assert m.actor_params == 139840 * 2 and m.actor_opt == 139840 * 12 and m.rollout_weights == 139840 * 2
-    assert M.per_device_memory(TINY, M.Mesh3(1, 1, 1), slots=1, max_len=1,
-                               rollout_weight_copy=False).rollout_weights == 0
+    # same dtype and layout: the engine shares the trainer's arrays
+    assert m.actor_params == 139840 * 2 and m.actor_opt == 139840 * 12 and m.rollout_weights == 0
+    # over fsdp the serving layout differs (no fsdp shards): a copy
+    assert M.per_device_memory(TINY, M.Mesh3(1, 2, 1), slots=2, max_len=1, param_dtype="bfloat16",
+                               compute_dtype="bfloat16").rollout_weights == 139840 * 2
 
 
 def test_several_processes_serve_from_their_own_chips():
