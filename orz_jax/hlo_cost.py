@@ -28,7 +28,7 @@ What is counted (per device, the program is SPMD-partitioned):
   operands and outputs, not its internals), skipping no-ops (parameter, tuple, get-tuple-element, bitcast,
   constant, control flow itself, the ``-done`` half of async pairs). A fusion operand read only through a
   ``dynamic-slice`` counts the slice (one layer of a stacked weight per scan step, not the whole stack); a
-  ``dynamic-update-slice`` in place counts its update written, not the buffer. On CPU these equal XLA's
+  ``dynamic-update-slice`` or ``scatter`` in place counts its update written, not the buffer. On CPU these equal XLA's
   ``bytes accessed`` on loop-free programs (tests/test_hlo_cost.py). On TPU XLA's figure runs 2-3x higher on a
   lone matmul: it includes tile padding and models re-reads per output tile of a matmul fusion, where this
   module counts each operand and result once.
@@ -458,9 +458,11 @@ def _sliced_read_bytes(comps: dict, called: Computation, pname: str, depth: int 
         elif u.opcode == "dynamic-slice" and u.operands[0] in aliases and not any(
                 o in aliases for o in u.operands[1:]):
             total += shape_bytes(u.shape)
-        elif u.opcode == "dynamic-update-slice" and u.operands[0] in aliases and not any(
+        elif u.opcode in ("dynamic-update-slice", "scatter") and u.operands[0] in aliases and not any(
                 o in aliases for o in u.operands[1:]):
-            pass  # updated in place: the buffer is not read (the update's write is the fusion's output)
+            # updated in place (a scatter writes its rows into the aliased buffer: the KV cache's new token):
+            # the buffer is not read (the update's write is the fusion's output)
+            pass
         elif u.opcode == "fusion":  # the slice sits in a nested fusion (TPU: a kLoop inside a kOutput fusion)
             nested = comps.get(_attr(u, "calls") or "")
             if nested is None:
@@ -494,6 +496,8 @@ def _output_bytes(comps: dict, ins: Instr) -> float:
         root = called.root if called is not None else None
         if root is not None and root.opcode == "dynamic-update-slice":  # writes its update in place
             return shape_bytes(_operand_shape(called, root.operands[1]))
+        if root is not None and root.opcode == "scatter" and len(root.operands) == 3:  # (operand, indices, updates)
+            return shape_bytes(_operand_shape(called, root.operands[2]))  # in place: the updated rows
     if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
         return 0.0  # counted with the operands: in place
     return shape_bytes(ins.shape)
@@ -622,6 +626,9 @@ class _Walker:
                 nbytes = 2 * shape_bytes(ins.shape)  # reads the slice, writes it
             elif op == "dynamic-update-slice" and len(ins.operands) > 1:
                 nbytes = 2 * shape_bytes(_operand_shape(comp, ins.operands[1]))  # in place
+            elif op == "scatter" and len(ins.operands) == 3:  # in place: indices and updates read, updates written
+                nbytes = shape_bytes(_operand_shape(comp, ins.operands[1])) + 2 * shape_bytes(
+                    _operand_shape(comp, ins.operands[2]))
             elif start or op.endswith("-start"):
                 nbytes = sum(shape_bytes(_operand_shape(comp, o)) for o in ins.operands) + (
                     _collective_result_bytes(ins, coll, True) if coll else 0.0)

@@ -344,3 +344,20 @@ def test_splash_kernels_flops_from_their_scope_across_multiline_instructions():
     per = {t[1]: (t[3], t[4]) for t in hc.top("flops", 20) if t[2] == "custom-call"}
     # operands + result: two [8, 128] float32 arrays per call, 3 times
     assert per == {"fwd": (300, 3 * 8192), "dq": (60, 3 * 8192), "dkv": (9, 3 * 8192), "other": (0, 3 * 8192)}
+
+
+def test_in_place_scatter_counts_the_rows_it_writes_not_the_buffer():
+    """The KV cache takes each decode step's token by a scatter into the donated buffer: the step touches the
+    updated rows, not the whole cache (counting the buffer made a decode step of 0.5B read 4 TB)."""
+    import jax
+    import jax.numpy as jnp
+    from orz_jax.hlo_cost import analyze_hlo
+
+    rows, width, n = 4096, 256, 8
+    f = jax.jit(lambda buf, idx, upd: buf.at[idx].set(upd), donate_argnums=0)
+    args = (jax.ShapeDtypeStruct((rows, width), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct((n, width), jnp.float32))
+    hc = analyze_hlo(f.lower(*args).compile().as_text())
+    upd_bytes, buf_bytes = n * width * 4, rows * width * 4
+    assert 2 * upd_bytes <= hc.bytes_accessed <= 4 * upd_bytes + 4 * n  # indices + updates read, rows written
+    assert hc.bytes_accessed < buf_bytes / 100
