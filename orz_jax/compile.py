@@ -581,14 +581,14 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
 
     from orz_jax.memory import Mesh3, per_device_memory
     mb = per_device_memory(cfg.model.arch, Mesh3(**mesh_shape), slots=slots, max_len=engine.max_len,
-                           param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
+                           param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype, processes=n_proc)
     mem_py_resident = {"actor_state": mb.actor_params + mb.actor_opt, "critic_state": mb.critic_params + mb.critic_opt,
                        "serving_params_copy": mb.rollout_weights, "kv_cache_during_rollout": mb.kv_cache}
     try:
         est = roofline_iteration(cfg.model.arch, chip, Mesh3(**mesh_shape), slots=slots,
                                  shape=RolloutShape(cfg.data.prompts_per_iter, cfg.rollout.n_samples_per_prompt,
                                                     cfg.rollout.max_prompt_len, cfg.rollout.max_response_len),
-                                 remat=cfg.model.remat != "none")
+                                 compute_dtype=cfg.model.dtype, remat=cfg.model.remat != "none", processes=n_proc)
         mem_py = {"prefill_s": est.prefill_s, "decode_s": est.decode_s, "forward_s": est.forward_s,
                   "train_s": est.train_s, "total_s": est.total_s}
     except ValueError as e:
