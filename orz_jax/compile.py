@@ -446,7 +446,7 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         tok_in = jax.ShapeDtypeStruct((1, b), jnp.int32, sharding=srep)
         run(f"prefill[{b}]", engine._prefill_jit, sparams, tok_in, i32(srep),
             calls=per_proc if b == engine.buckets[-1] else 0.0,  # worst case: every prompt in the largest bucket
-            model_flops=_model_flops(arch, pc_actor.layers, b, (b + 1) / 2, 1) / tensor,  # last-token logits only
+            model_flops=_model_flops(arch, pc_actor.layers, b, (b + 1) / 2, 1) / serve_shape["tensor"],  # last-token logits only
             resident_in_args=serving_b, phase="rollout")
         prefix_abs = jax.eval_shape(engine._prefill_impl, sparams, tok_in, i32(srep))
         prefix_in = with_shardings(prefix_abs, engine._prefix_shardings)
