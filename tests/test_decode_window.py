@@ -208,8 +208,8 @@ def test_tpu_decode_bytes_scale_with_the_window(tmp_path):
     slots_dev, fold, bf16 = 256 // 4, 2 * 64, 2
     cache_dev = 2 * 2 * slots_dev * 2048 * fold * bf16  # K and V, 2 layers
     assert hi["argument_bytes"] >= cache_dev and hi["temp_bytes"] < 0.05 * cache_dev  # was 2.2x the cache
-    # cost_analysis counts the layer scan's body once: one layer's K and V of the extra 1792 positions
-    kv_extra = 2 * slots_dev * (2048 - 256) * fold * bf16
+    # hlo_cost applies the layer scan's trip count: both layers' K and V of the extra 1792 positions
+    kv_extra = 2 * 2 * slots_dev * (2048 - 256) * fold * bf16
     ratio = (hi["bytes_accessed"] - lo["bytes_accessed"]) / kv_extra
     # >= 1: the extra positions are read at least once; a padded or materialised copy of the window (read +
     # write + read) would be >= 3
