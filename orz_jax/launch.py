@@ -11,7 +11,6 @@ multi-controller runtime (``jax.distributed.initialize``) connects them before a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

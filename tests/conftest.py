@@ -101,3 +101,14 @@ def shared_data() -> Path:
         pytest.skip(f"extra coverage only: ORZ's larger data files are not at {SHARED_DATA} "
                     "(set $ORZ_SHARED_DATA); the same checks ran on tests/fixtures/orz")
     return SHARED_DATA
+
+
+def run_aot_script(script: Path, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a libtpu ahead-of-time compile script (compile-only TPU devices; JAX itself on the CPU backend) in its
+    own process, from the repository root with this checkout first on the path. Asserts exit status 0."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-6000:]
+    return p

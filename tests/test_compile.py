@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import REPO
+from conftest import run_aot_script
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install -e '.[tpu-aot]')")
@@ -74,11 +71,7 @@ def compiled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compile")
     (tmp / "tiny.yaml").write_text(TINY)
     (tmp / "run.py").write_text(textwrap.dedent(SCRIPT))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(tmp / "run.py"), str(tmp / "tiny.yaml"), str(tmp / "out.json")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-6000:]
+    p = run_aot_script(tmp / "run.py", tmp / "tiny.yaml", tmp / "out.json")
     return json.loads((tmp / "out.json").read_text()), p.stdout
 
 

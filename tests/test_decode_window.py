@@ -8,9 +8,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import run_aot_script
 from orz_jax.config import ArchConfig, MeshConfig, ModelConfig, RolloutConfig
 from orz_jax.models.build import create_model
 from orz_jax.models.transformer import KVCache, folded_attention
@@ -195,11 +192,7 @@ def test_tpu_decode_bytes_scale_with_the_window(tmp_path):
     the extra positions (read once), not with the allocated cache."""
     (tmp_path / "tiny.yaml").write_text(TINY_TPU)
     (tmp_path / "run.py").write_text(textwrap.dedent(TPU_SCRIPT))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "tiny.yaml"), str(tmp_path / "o.json")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-6000:]
+    run_aot_script(tmp_path / "run.py", tmp_path / "tiny.yaml", tmp_path / "o.json")
     r = json.loads((tmp_path / "o.json").read_text())
     assert r["failures"] == []
     progs = {q["name"]: q for q in r["programs"]}

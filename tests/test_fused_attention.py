@@ -10,9 +10,6 @@ compiles; its TPU compile is checked ahead of time for v5p with libtpu (no TPU n
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -21,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import PARITY_K, REPO, run_with_devices
+from conftest import PARITY_K, REPO, run_aot_script, run_with_devices
 from orz_jax.config import ArchConfig, ConfigError, check_attention, load_config, resolve_attention_impl
 from orz_jax.models import attention as fa
 from orz_jax.models.transformer import CausalLM, _causal_blocked_attention, positions_from_segments
@@ -282,11 +279,7 @@ json.dump({"failures": rep.failures, "programs": {p["name"]: p for p in progs}, 
 def test_splash_actor_step_compiles_for_v5p(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY)
     (tmp_path / "run.py").write_text(textwrap.dedent(AOT))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "tiny.yaml"),
-                        str(tmp_path / "out.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-6000:]
+    run_aot_script(tmp_path / "run.py", tmp_path / "tiny.yaml", tmp_path / "out.json")
     import json
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["failures"] == [] and set(res["programs"]) == {"actor_step"}, res
@@ -417,11 +410,7 @@ json.dump(res, open(sys.argv[1], "w"))
                     reason="libtpu not installed (pip install -e '.[tpu-aot]')")
 def test_splash_fwd_bwd_flops_in_v5p_hlo_equal_the_hand_count(tmp_path):
     (tmp_path / "run.py").write_text(SPLASH_FLOPS_AOT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "out.json"), str(REPO / "tests")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_aot_script(tmp_path / "run.py", tmp_path / "out.json", REPO / "tests")
     import json
     r = json.loads((tmp_path / "out.json").read_text())
     print(r)

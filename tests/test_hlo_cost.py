@@ -17,10 +17,9 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_aot_script
 from orz_jax.hlo_cost import analyze_hlo, parse_hlo, trip_count
 
 M, K, N = 64, 128, 96  # odd sizes: no tile-aligned shortcut can hide a wrong contraction dimension
@@ -280,11 +279,7 @@ json.dump(res, open(sys.argv[1], "w"))
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install -e '.[tpu-aot]')")
 def test_tpu_aot_nested_scans_collectives_and_chain(tmp_path):
     (tmp_path / "run.py").write_text(TPU_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "out.json"),
-                        str(REPO / "tests")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    run_aot_script(tmp_path / "run.py", tmp_path / "out.json", REPO / "tests")
     r = json.loads((tmp_path / "out.json").read_text())
     # the TPU HLO has no known_trip_count: the induction pattern gives 3 and 7
     assert r["nested"]["trips"] == [3, 7] and r["nested"]["unknown"] == []

@@ -7,7 +7,6 @@ huggingface_hub reads HF_HUB_OFFLINE / HF_HUB_CACHE when it is imported, so the 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -8,8 +8,6 @@ is checked."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 import shutil

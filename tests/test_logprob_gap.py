@@ -8,7 +8,6 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from orz_jax.config import ArchConfig, MeshConfig, ModelConfig, PPOConfig, RolloutConfig
 from orz_jax.models.build import create_model

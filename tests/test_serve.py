@@ -4,7 +4,6 @@ same greedy tokens as the in-process rollouts."""
 from __future__ import annotations
 
 import grpc
-import numpy as np
 import pytest
 
 from orz_jax.config import ArchConfig, MeshConfig, ModelConfig
