@@ -259,7 +259,7 @@ class Trainer:
                 resumed = True
                 break
         if resumed:
-            self.engine.update_params(to_serving(self.actor.params, self.engine.cache_dtype))
+            self.engine.update_params(to_serving(self.actor.params, self.cfg.model.dtype))
             log.info("resumed from %s at iteration %d", self.ckpt.directory, self.iteration)
         elif self.cfg.model.init_from_run is not None:
             self._init_from_run(self.cfg.model.init_from_run)
@@ -285,7 +285,7 @@ class Trainer:
         self.actor = self.actor.replace(params=actor_params)
         if self.critic is not None:
             self.critic = self.critic.replace(params=critic_params)
-        self.engine.update_params(to_serving(self.actor.params, self.engine.cache_dtype))
+        self.engine.update_params(to_serving(self.actor.params, self.cfg.model.dtype))
         log.info("initialised policy and critic from %s (iteration %s); fresh optimizer", ck_dir,
                  meta.get("iteration"))
 
@@ -360,7 +360,7 @@ class Trainer:
             self.actor, actor_m = self.fns.actor_step(self.actor, packed)
             jax.block_until_ready(self.actor.step)
         with timer.phase("weight_sync"):
-            self.engine.update_params(to_serving(self.actor.params, self.engine.cache_dtype))
+            self.engine.update_params(to_serving(self.actor.params, self.cfg.model.dtype))
         if dump is not None:
             with timer.phase("dump"):
                 self.dumper.write(dump, ro, batch.answers)
