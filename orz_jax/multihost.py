@@ -19,6 +19,7 @@ unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -56,8 +57,14 @@ def serving_mesh(cfg: MeshConfig, mesh: Mesh) -> Mesh:
 SYNC_PIECE_BYTES = 1 << 30
 
 
+@functools.lru_cache(maxsize=None)
+def _cast_fn(dtype):
+    # one jitted function per dtype: a fresh lambda per call would retrace and recompile at every sync
+    return jax.jit(lambda a: a.astype(dtype))  # keeps the input's sharding: each device casts its own shard
+
+
 def _cast_on_device(x: jax.Array, dtype) -> jax.Array:
-    return jax.jit(lambda a: a.astype(dtype))(x)  # keeps x's sharding: each device casts its own shard
+    return _cast_fn(jnp.dtype(dtype))(x)
 
 
 def to_serving(params: Any, dtype: Any = None, piece_bytes: int = SYNC_PIECE_BYTES) -> Any:
