@@ -130,6 +130,13 @@ class RolloutConfig:
     # x 1, 2, 4, ... up to the cache length (each compiles once). 512: a few programs for ORZ's 10k-position
     # cache (<= 5) while a step reads under 2x the live KV; 0 reads the whole cache every step.
     decode_window_block: int = 512
+    # How the engine's serving copy holds the decoder layers. "stacked": one [layers, ...] array per weight, read
+    # by the layer scan (compile time does not grow with depth). "per_layer": one array per layer, read by an
+    # unrolled loop: XLA:CPU (and XLA:GPU without dynamic-slice fusion, openxla/xla #43831) copies each layer's
+    # slice of a stacked weight before its matmul, so a memory-bound decode step moved the weights three times
+    # (read, write, read: Qwen2.5-0.5B decode on a CPU ran 1.6-2.2x slower, docs/bench). The TPU compiler reads
+    # the slice in place (decode bytes ~ weights + KV, docs/tpu). "auto": stacked on TPU, per_layer elsewhere.
+    serving_layers: Literal["auto", "stacked", "per_layer"] = "auto"
     # Orchestrator driver: give up (a clear error naming what was outstanding) when no token has been generated
     # and no request prefilled for this many seconds: a stuck request or thread. Covers first-call compiles.
     timeout_s: float = 1800.0
@@ -766,6 +773,14 @@ def resolve_attention_impl(impl: str, platform: str, interpret: bool = False) ->
         _check(gpu, "model.attention_impl",
                f"'cudnn' needs NVIDIA GPUs but the mesh's devices are {platform!r}; use 'auto' or 'xla'")
     return impl
+
+
+def resolve_serving_layers(layout: str, platform: str) -> str:
+    """The serving copy's layer layout (``rollout.serving_layers``) for devices of ``platform``: ``auto`` ->
+    ``stacked`` on TPU, ``per_layer`` elsewhere (see RolloutConfig)."""
+    _check(layout in ("auto", "stacked", "per_layer"), "rollout.serving_layers",
+           f"must be one of ('auto', 'stacked', 'per_layer'), got {layout!r}")
+    return ("stacked" if platform == "tpu" else "per_layer") if layout == "auto" else layout
 
 
 def check_attention(cfg: Config, platform: str) -> str:

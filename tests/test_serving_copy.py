@@ -37,7 +37,7 @@ def weight_all_gathers(hlo, vocab):
 """
 
 SCRIPT = WEIGHT_DIMS + """
-import jax, jax.numpy as jnp, numpy as np
+import dataclasses, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from orz_jax.config import ArchConfig, MeshConfig, ModelConfig, RolloutConfig
 from orz_jax.models.build import abstract_model, create_model
@@ -51,17 +51,26 @@ arch = ArchConfig(vocab_size=tok.vocab_size, hidden_size=HIDDEN, intermediate_si
                   rope_theta=1000.0)
 mcfg = ModelConfig(arch=arch, dtype="bfloat16", param_dtype="float32")  # the TPU configs' dtypes
 cfg = RolloutConfig(temperature=0.0, max_prompt_len=16, prefill_buckets=[16], max_response_len=8,
-                    max_concurrent_decodes=SLOTS, stop_strings=[])
+                    max_concurrent_decodes=SLOTS, stop_strings=[], serving_layers=LAYOUT)
 mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
 policy = create_model("policy", arch, mcfg, mesh, seed=0)  # the trainer's policy: float32, training layout
 eng = RolloutEngine(policy, cfg, tok)
+assert eng.layer_layout == LAYOUT
 
-# (a) the copy: bfloat16, no fsdp in any spec, heads / kv heads / mlp / vocab on tensor
+# (a) the copy: bfloat16, no fsdp in any spec, heads / kv heads / mlp / vocab on tensor. Names as in the stacked
+# layout; a per-layer leaf's spec is its stacked spec without the leading layers dim (normalised back here).
 specs = {}
 for path, x in jax.tree_util.tree_flatten_with_path(eng.params)[0]:
     name = jax.tree_util.keystr(path).replace("['", "/").replace("']", "").replace(".value", "")
     assert x.dtype == jnp.bfloat16, (name, x.dtype)
-    specs[name] = tuple(x.sharding.spec)
+    spec = tuple(x.sharding.spec)
+    if LAYOUT == "per_layer":
+        assert name.startswith((".trunk/", ".layers[")), name
+        if name.startswith(".layers["):
+            name, spec = name.split("]", 1)[1], (None, *spec)
+        else:
+            name = name[len(".trunk"):]
+    assert specs.setdefault(name, spec) == spec, (name, spec, specs[name])  # every layer alike
     assert "fsdp" not in str(x.sharding.spec), (name, x.sharding.spec)
 assert specs["/transformer/embed"] == ("tensor", None), specs
 assert specs["/transformer/layers/attn/q"][:3] == (None, None, "tensor"), specs
@@ -77,8 +86,11 @@ print("specs OK")
 state = eng.init_decode_state()
 hlo = eng._generate_jit.lower(eng.params, state, eng.sampling).compile().as_text()
 pre_hlo = eng._prefill_jit.lower(eng.params, np.zeros((1, 16), np.int32), np.int32(3)).compile().as_text()
-train_layout = jax.device_put(eng._cast(nnx.state(policy)), state_shardings(mesh, nnx.state(policy)))
-old_hlo = eng._generate_jit.lower(train_layout, state, eng.sampling).compile().as_text()
+train_layout = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(policy)),
+                              state_shardings(mesh, nnx.state(policy)))
+# the copy as the trainer holds it (stacked, fsdp-sharded): served through a stacked engine's decode step
+eng_st = eng if LAYOUT == "stacked" else RolloutEngine(policy, dataclasses.replace(cfg, serving_layers="stacked"), tok)
+old_hlo = eng_st._generate_jit.lower(train_layout, state, eng.sampling).compile().as_text()
 print("decode weight all-gathers", len(weight_all_gathers(hlo, arch.vocab_size)), "prefill all-gathers", pre_hlo.count("all-gather("),
       "training layout", len(weight_all_gathers(old_hlo, arch.vocab_size)))
 assert weight_all_gathers(hlo, arch.vocab_size) == [], weight_all_gathers(hlo, arch.vocab_size)
@@ -100,7 +112,7 @@ for i, new in enumerate(new_states):
     counts.append(cc.count)
     assert all(x.is_deleted() for x in old), i
     assert [x.sharding for x in jax.tree.leaves(eng.params)] == shardings
-    for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(new)):
+    for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(eng._to_layout(new, lambda x, i: x[i]))):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
     assert all(not x.is_deleted() for x in jax.tree.leaves(new))  # the trainer's arrays are only read
@@ -112,7 +124,7 @@ host = jax.device_get(new_states[0])
 eng.update_params(host)
 assert all(x.is_deleted() for x in old)
 assert [x.sharding for x in jax.tree.leaves(eng.params)] == shardings
-for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(host)):
+for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(eng._to_layout(host, lambda x, i: x[i]))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16))
 
 # (d) greedy tokens (batched driver, after a refresh; tests/test_rollout.py shows the drivers agree) == the step-by-step argmax of the trainer's forward
@@ -146,6 +158,7 @@ def check_greedy(engine, model):
 
 graph32 = nnx.graphdef(abstract_model("policy", arch, ModelConfig(arch=arch)))  # float32 compute
 eng32 = RolloutEngine(nnx.merge(graph32, nnx.state(policy)), cfg, tok)
+assert eng32.layer_layout == LAYOUT
 assert all("fsdp" not in str(x.sharding.spec) for x in jax.tree.leaves(eng32.params))
 eng32.update_params(new_states[1])  # the copy after a refresh serves the new policy
 check_greedy(eng32, nnx.merge(graph32, new_states[1]))
@@ -154,16 +167,19 @@ print("OK")
 """
 
 
-def test_serving_copy_on_fsdp4_tensor2():
-    out = run_with_devices(SCRIPT, n_devices=8, timeout=300)
+@pytest.mark.parametrize("layout", ["stacked", "per_layer"])  # the TPU's layout, and the CPU / GPU one
+def test_serving_copy_on_fsdp4_tensor2(layout):
+    out = run_with_devices(f"LAYOUT = {layout!r}\n" + SCRIPT, n_devices=8, timeout=300)
     print(out)
     assert "specs OK" in out and "greedy OK" in out and "refresh compiles" in out
     assert out.rstrip().endswith("OK")
 
 
 def test_float32_on_one_device_shares_the_trainers_arrays():
-    """The CPU demo's case: float32 compute on one device. The cast and reshard are the identity, so the engine
+    """Float32 compute on one device in the stacked layout. The cast and reshard are the identity, so the engine
     serves the trainer's arrays (no second copy); a refresh swaps them without a program."""
+    import dataclasses
+
     import jax
     from flax import nnx
 
@@ -179,7 +195,7 @@ def test_float32_on_one_device_shares_the_trainers_arrays():
     mesh = make_mesh(MeshConfig())
     policy = create_model("policy", arch, ModelConfig(arch=arch), mesh, seed=0)
     cfg = RolloutConfig(temperature=0.0, max_prompt_len=8, prefill_buckets=[8], max_response_len=4,
-                        max_concurrent_decodes=2, stop_strings=[])
+                        max_concurrent_decodes=2, stop_strings=[], serving_layers="stacked")
     eng = RolloutEngine(policy, cfg, tok)
     ptrs = lambda t: [x.unsafe_buffer_pointer() for x in jax.tree.leaves(t)]  # noqa: E731
     assert ptrs(eng.params) == ptrs(nnx.state(policy))
@@ -187,6 +203,45 @@ def test_float32_on_one_device_shares_the_trainers_arrays():
     with CompileCounter() as cc:
         eng.update_params(new)
     assert cc.count == 0 and ptrs(eng.params) == ptrs(new)
+    # per layer (the CPU default) the copy is always the engine's own: no buffer of the trainer's is served
+    eng = RolloutEngine(policy, dataclasses.replace(cfg, serving_layers="auto"), tok)
+    assert eng.layer_layout == "per_layer"
+    assert not set(ptrs(eng.params)) & set(ptrs(nnx.state(policy)))
+
+
+def test_per_layer_copy_decodes_without_copying_weight_slices():
+    """Why the CPU / GPU default is ``per_layer``: in the stacked layout XLA:CPU copies each layer's slice of every
+    stacked weight (a dynamic-slice whose result is a weight) before its matmul, once per decode step; the per-layer
+    copy's decode step has no such slice. Both serve the same greedy tokens."""
+    import re
+
+    import jax
+
+    from orz_jax.config import ArchConfig, MeshConfig, ModelConfig, RolloutConfig
+    from orz_jax.models.build import create_model
+    from orz_jax.rollout import RolloutEngine, generate_rollouts
+    from orz_jax.sharding import make_mesh
+    from orz_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    hidden, inter = 24, 40  # distinct dims: a weight's slice is [24, 40] or [40, 24]
+    arch = ArchConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=inter, num_layers=3,
+                      num_heads=2, num_kv_heads=1, initializer_range=0.5)
+    policy = create_model("policy", arch, ModelConfig(arch=arch), make_mesh(MeshConfig()), seed=0)
+    prompts = [tok.encode(s) for s in ["1+2=", "hello"]]
+    slices, tokens = {}, {}
+    for layout in ("stacked", "per_layer"):
+        cfg = RolloutConfig(temperature=0.0, max_prompt_len=8, prefill_buckets=[8], max_response_len=6,
+                            max_concurrent_decodes=2, stop_strings=[], serving_layers=layout)
+        eng = RolloutEngine(policy, cfg, tok)
+        hlo = eng._generate_jit.lower(eng.params, eng.init_decode_state(), eng.sampling).compile().as_text()
+        # instructions (fused or not) producing a [hidden, inter] / [inter, hidden] array from a dynamic slice
+        slices[layout] = [ln for ln in hlo.splitlines() if re.search(
+            rf"= f32\[({hidden},{inter}|{inter},{hidden})\]\S* (dynamic-slice|fusion)\(", ln) and "dynamic" in ln]
+        tokens[layout] = generate_rollouts(eng, prompts, 1, 0, cfg).response_ids.tolist()
+    assert len(slices["stacked"]) >= 3, slices  # gate, up, down of the layer scan's body
+    assert slices["per_layer"] == [], slices["per_layer"]
+    assert tokens["per_layer"] == tokens["stacked"]
 
 
 TPU_SCRIPT = WEIGHT_DIMS + """

@@ -15,7 +15,7 @@ Two forward modes share the same code:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.struct
 import jax
@@ -347,8 +347,13 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.dtype, self.remat = dtype, remat
 
-    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
-        """tokens, positions, segment_ids: [batch, seq] int32 -> (hidden [batch, seq, embed], cache)."""
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None,
+                 layer_params: Optional[Sequence[nnx.State]] = None):
+        """tokens, positions, segment_ids: [batch, seq] int32 -> (hidden [batch, seq, embed], cache).
+
+        ``layer_params``: the blocks' parameters as one state per layer (the rollout engine's ``per_layer``
+        serving layout, ``rollout.serving_layers``), run by an unrolled loop instead of the scan over the stacked
+        ``self.layers`` (whose arrays are then not read)."""
         x = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)  # [batch, seq, embed]
         x = constrain(x, ("batch", "seq", "act_embed"))
         inv_freq = rope_inv_freq(self.arch)
@@ -367,8 +372,16 @@ class Transformer(nnx.Module):
             x, cache = layer(x, cache, *xs)
             return (x, cache), None
 
-        # the cache rides in the carry (updated in place), not in xs / ys (a new stacked copy per step)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(self.arch.num_layers, dtype=jnp.int32)))
+        if layer_params is not None:
+            # One array per layer, read in place: on XLA:CPU a dynamic slice of a stacked weight is a copy.
+            if len(layer_params) != self.arch.num_layers:
+                raise ValueError(f"layer_params has {len(layer_params)} layers, the model {self.arch.num_layers}")
+            for i, params in enumerate(layer_params):
+                x, cache = layer(x, cache, params, jnp.int32(i))
+        else:
+            # the cache rides in the carry (updated in place), not in xs / ys (a new stacked copy per step)
+            (x, cache), _ = jax.lax.scan(body, (x, cache),
+                                         (stacked, jnp.arange(self.arch.num_layers, dtype=jnp.int32)))
         if cache is not None:
             cache = cache.replace(lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
         return self.final_norm(x), cache
@@ -395,9 +408,10 @@ class CausalLM(nnx.Module):
         """The LM head, [embed, vocab] in the parameter dtype."""
         return self.transformer.embed.value.T if self.tied else self.lm_head.value
 
-    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None):
-        """-> (logits [batch, seq, vocab] float32, cache)."""
-        h, cache = self.transformer(tokens, positions, segment_ids, cache)
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None,
+                 layer_params: Optional[Sequence[nnx.State]] = None):
+        """-> (logits [batch, seq, vocab] float32, cache). ``layer_params``: see ``Transformer.__call__``."""
+        h, cache = self.transformer(tokens, positions, segment_ids, cache, layer_params)
         logits = jnp.einsum("bse,ev->bsv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab")), cache
 

@@ -25,15 +25,18 @@ order) draw identical samples.
 Weight sync: the engine serves its *own copy* of the policy: every floating leaf in the compute dtype
 (``model.dtype``, bfloat16 on TPU), placed with the serving layout (``orz_jax.sharding.SERVING_RULES``: heads /
 kv_heads / mlp / vocab on ``tensor``, nothing on ``fsdp``), so a decode step reads half the bytes of the float32
-training weights and gathers none of them over the mesh. :meth:`RolloutEngine.update_params` refreshes the copy
-with one jitted cast-and-reshard from the layout it receives, donating the old copy's buffers (refreshed in
-place, compiled once). Numbers: the trainer's forward casts every parameter to ``dtype`` before using it (norm
-scales and biases included; the embedding rows after the lookup, which commutes with the cast), so casting them
-ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
-have the serving dtype and layout (a float32 model on one device: the CPU demo) the cast is the identity and
-the engine *shares* them instead of holding a second copy: the trainer donates its buffers in each update, which
-deletes the engine's too, and then any use before the next ``update_params`` fails loudly ("Array has been
-deleted"), it cannot read stale weights; the PPO loop calls ``update_params`` after every update.
+training weights and gathers none of them over the mesh. :meth:`RolloutEngine.update_params` refreshes the copy with
+one jitted cast-and-reshard from the layout it receives, donating the old copy's buffers (refreshed in place,
+compiled once; the engine's first placement runs the same program on a blank copy, so the first refresh compiles
+nothing). Layers: stacked ``[layers, ...]`` arrays for the layer scan (TPU), or one array per layer
+(``PerLayerParams``, CPU / GPU: XLA there copies a layer's slice of a stacked weight before its matmul, see
+``RolloutConfig.serving_layers``). Numbers: the trainer's forward casts every parameter to ``dtype`` before using it
+(norm scales and biases included; the embedding rows after the lookup, which commutes with the cast), so casting
+them ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
+have the serving dtype and the stacked layout (a float32 model on one device, ``serving_layers: stacked``) the cast
+is the identity and the engine *shares* them instead of holding a second copy: the trainer donates its buffers in
+each update, which deletes the engine's too, and then any use before the next ``update_params`` fails loudly ("Array
+has been deleted"), it cannot read stale weights; the PPO loop calls ``update_params`` after every update.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from orz_jax.config import RolloutConfig
+from orz_jax.config import RolloutConfig, resolve_serving_layers
+from orz_jax.models.attention import mesh_platform
 from orz_jax.models.transformer import KVCache
 from orz_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from orz_jax.rollout.sampling import SamplingParams, sample_tokens
@@ -70,6 +74,15 @@ class Prefix:
 
     cache: KVCache  # k, v: [layers, 1, B, kv_heads * head_dim]; lengths [1] = L - 1
     next_token: jax.Array  # [1] int32: the last prompt token, the first decode input
+
+
+@flax.struct.dataclass
+class PerLayerParams:
+    """The serving copy in the ``per_layer`` layout (``rollout.serving_layers``): the decoder layers as one
+    state per layer (leaves without the leading ``layers`` axis), everything else as in the policy's state."""
+
+    trunk: Any  # nnx.State: embeddings, final norm, LM head
+    layers: tuple  # num_layers x nnx.State of one Block
 
 
 @flax.struct.dataclass
@@ -170,14 +183,20 @@ class RolloutEngine(engine_api.Engine):
         if mesh is None:
             mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
         self._mesh = mesh
+        # How the copy holds the decoder layers: stacked for the layer scan, or one array per layer where XLA
+        # would copy each layer's slice of a stacked weight before using it (see RolloutConfig.serving_layers).
+        self.layer_layout = resolve_serving_layers(cfg.serving_layers, mesh_platform(mesh))
         # Serving layout of the parameters: the serving rules (no fsdp) on the serving mesh.
-        self._param_shardings = state_shardings(mesh, params, SERVING_RULES)
+        self._stacked_shardings = state_shardings(mesh, params, SERVING_RULES)  # as the trainer's tree
+        self._param_shardings = self._to_layout(self._stacked_shardings, _slice_sharding)
         # What update_params must receive: the trainer's shapes and dtypes (the served copy's dtypes differ).
         self._source_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        # cast-and-reshard: first placement (nothing to donate) and refresh (the old copy donated, its buffers
-        # reused for the new one: the copy never exists twice). keep_unused: the old copy is not read, and jit
-        # would otherwise drop it from the arguments, and so from the donation.
-        self._cast_jit = jax.jit(self._cast, out_shardings=self._param_shardings)
+        # cast-and-reshard: the old copy donated, its buffers reused for the new one, so the copy never exists
+        # twice. The first placement donates a blank copy, so that the trainer's first sync finds the program
+        # compiled. keep_unused: the old copy is not read, and jit would otherwise drop it from the arguments,
+        # and so from the donation.
+        self._blank_jit = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.serving_abstract()),
+                                  out_shardings=self._param_shardings)
         self._refresh_jit = jax.jit(lambda new, old: self._cast(new), out_shardings=self._param_shardings,
                                     donate_argnums=(1,), keep_unused=True)
         self._owns_copy = False  # True when self.params is the engine's own copy (donatable)
@@ -255,7 +274,14 @@ class RolloutEngine(engine_api.Engine):
     # ------------------------------------------------------------------------------------------
 
     def _model(self, params):
-        return nnx.merge(self._graphdef, params)
+        """-> (policy module, per-layer states or None), for ``module(..., layer_params=that)``."""
+        if isinstance(params, PerLayerParams):
+            # The module still needs its stacked layers to merge; the stack is never read (the forward loops over
+            # params.layers), so XLA removes it.
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers)
+            return nnx.merge(self._graphdef, nnx.merge_state(params.trunk, {"transformer": {"layers": stacked}})), \
+                params.layers
+        return nnx.merge(self._graphdef, params), None
 
     def _init_impl(self) -> DecodeState:
         s, n = self.slots, self.max_new_tokens
@@ -272,8 +298,9 @@ class RolloutEngine(engine_api.Engine):
         positions = jnp.arange(b, dtype=jnp.int32)[None, :]  # [1, B]
         segment_ids = (positions < n_ctx).astype(jnp.int32)
         cache = KVCache.init(self.arch, 1, b, self.cache_dtype)
+        model, layers = self._model(params)
         with use_mesh(self._mesh):
-            _, cache = self._model(params)(tokens, positions, segment_ids, cache=cache)  # logits unused: DCE'd
+            _, cache = model(tokens, positions, segment_ids, cache=cache, layer_params=layers)  # logits: DCE'd
         next_token = jax.lax.dynamic_slice_in_dim(tokens[0], n_ctx, 1)  # [1]
         return Prefix(cache=cache, next_token=next_token)
 
@@ -294,10 +321,10 @@ class RolloutEngine(engine_api.Engine):
         slot's filled length (the host's bound guarantees it, see :meth:`window_for`)."""
         live = ~state.done  # [slots]
         positions = state.cache.lengths[:, None]  # [slots, 1]: the next token's position = filled length
+        model, layers = self._model(params)
         with use_mesh(self._mesh):
-            logits, cache = self._model(params)(state.tokens[:, None], positions,
-                                                live[:, None].astype(jnp.int32),
-                                                cache=state.cache.replace(window=window))
+            logits, cache = model(state.tokens[:, None], positions, live[:, None].astype(jnp.int32),
+                                  cache=state.cache.replace(window=window), layer_params=layers)
         cache = cache.replace(window=0)  # the state's structure does not depend on the window
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)  # [slots]
         tokens, logprobs = sample_tokens(logits[:, 0], keys, sampling)  # [slots], [slots]
@@ -474,10 +501,20 @@ class RolloutEngine(engine_api.Engine):
         self._place(new)
 
     def serving_abstract(self) -> Any:
-        """The serving copy as ShapeDtypeStructs (serving dtype and sharding): what the jitted functions get."""
-        leaves, treedef = jax.tree.flatten(self._source_avals)
-        return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, self._serving_dtype(a.dtype), sharding=s)
+        """The serving copy as ShapeDtypeStructs (serving dtype, layout and sharding): what the jitted functions
+        get."""
+        leaves, treedef = jax.tree.flatten(jax.eval_shape(self._cast, self._source_avals))
+        return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                                   for a, s in zip(leaves, jax.tree.leaves(self._param_shardings))])
+
+    def _to_layout(self, tree: Any, take: Any) -> Any:
+        """``tree`` (the policy state's structure: arrays, host arrays or shardings) in the serving layer layout.
+        ``take(leaf, i)``: layer i's part of a stacked leaf."""
+        if self.layer_layout == "stacked":
+            return tree
+        layers, trunk = nnx.split_state(tree, nnx.PathContains("layers"), ...)
+        return PerLayerParams(trunk=trunk, layers=tuple(jax.tree.map(lambda x: take(x, i), layers)
+                                                        for i in range(self.arch.num_layers)))
 
     def _serving_dtype(self, dtype) -> np.dtype:
         # floating leaves in the compute dtype; integer leaves (none in CausalLM today) as they are
@@ -485,10 +522,13 @@ class RolloutEngine(engine_api.Engine):
 
     def _cast(self, params: Any) -> Any:
         """Traced: every leaf in its serving dtype (the trainer's forward casts each weight to ``dtype``
-        before use, so the sampler computes with the same values)."""
-        return jax.tree.map(lambda x: x.astype(self._serving_dtype(x.dtype)), params)
+        before use, so the sampler computes with the same values), in the serving layer layout."""
+        return self._to_layout(jax.tree.map(lambda x: x.astype(self._serving_dtype(x.dtype)), params),
+                               lambda x, i: x[i])
 
     def _is_serving_layout(self, params: Any) -> bool:
+        if self.layer_layout != "stacked":
+            return False  # the trainer's state is stacked: the per-layer copy is always a copy
         leaves, shardings = jax.tree.leaves(params), jax.tree.leaves(self._param_shardings)
         return all(isinstance(x, jax.Array) and x.dtype == self._serving_dtype(x.dtype)
                    and x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, shardings))
@@ -504,22 +544,25 @@ class RolloutEngine(engine_api.Engine):
             if any(x.sharding.device_set != serving_devices for x in jax.tree.leaves(new)):
                 # other devices than the serving mesh's (a caller's engine on a sub-mesh): one program cannot
                 # span both, so move first (in the received dtype), then cast on the serving devices
-                new = jax.device_put(new, self._param_shardings)
-            if self._owns_copy:
-                self.params = self._refresh_jit(new, self.params)
-            else:
-                self.params = self._cast_jit(new)
+                new = jax.device_put(new, self._stacked_shardings)
+            self.params = self._refresh_jit(new, self.params if self._owns_copy else self._blank_jit())
             self._owns_copy = True
         else:
             # host copies (several processes: multihost.to_serving): cast on the host (numpy's bfloat16 rounds
             # to nearest even, as XLA's convert does) and place the serving dtype only, after freeing the old
             # copy: the device never holds the float32 policy or two copies.
             host = jax.tree.map(lambda x: np.asarray(x).astype(self._serving_dtype(np.asarray(x).dtype)), new)
+            host = self._to_layout(host, lambda x, i: x[i])
             if self._owns_copy:
                 for x in jax.tree.leaves(self.params):
                     x.delete()
             self.params = jax.device_put(host, self._param_shardings)
             self._owns_copy = True
+
+
+def _slice_sharding(sharding: NamedSharding, i: int) -> NamedSharding:
+    """The sharding of layer i's slice of a stacked leaf: the leading ``layers`` dim dropped."""
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
 
 
 def decode_windows(block: int, max_len: int) -> list[int]:
