@@ -23,6 +23,8 @@ import yaml
 DEFAULT_ATTENTION_BLOCK = 256  # ModelConfig.attention_block; fastest of 64-512 for 2048-token rows on a CPU
 SPLASH_BLOCK = 512  # ModelConfig.splash_block_*: MaxText's default splash tiles
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")  # model.decode_attention_impl
+DECODE_BLOCK_KV = 512  # model.decode_block_kv (see there)
 
 
 class ConfigError(ValueError):
@@ -82,7 +84,7 @@ class ModelConfig:
     # annealing stage). The model's architecture and tokenizer still come from model.checkpoint. A run
     # that has checkpoints of its own resumes from those instead.
     init_from_run: Optional[str] = None
-    # Training / scoring attention (the full-row path; decode always uses XLA ops). "xla": XLA ops in causal
+    # Training / scoring attention (the full-row path; decode: model.decode_attention_impl). "xla": XLA ops in causal
     # blocks of attention_block (the [q, k] scores are materialised; the reference every kernel is tested
     # against). "splash": the Pallas splash-attention kernel (TPU only). "cudnn": cuDNN's fused attention via
     # jax.nn.dot_product_attention (GPU only). "auto": splash on a TPU mesh, cudnn on a GPU mesh, xla on a CPU,
@@ -99,6 +101,16 @@ class ModelConfig:
     # on long rows (2048-token rows on a CPU: 2.0x faster updates). 0: one dense [q, k] block. Compile time
     # grows with the number of blocks per row: keep rows / block small (the ORZ configs use 2048 for 16384).
     attention_block: int = DEFAULT_ATTENTION_BLOCK
+    # Decode attention (the KV-cache step, one new token per slot). "pallas": the Pallas kernel of
+    # orz_jax/models/decode_attention.py, which reads only each slot's live KV blocks (TPU only). "xla":
+    # folded_attention over the decode window, so every slot reads the longest live slot's window (the reference).
+    # "auto": pallas on a TPU mesh, xla elsewhere. Prefill (many tokens per row) always takes the XLA path.
+    decode_attention_impl: Literal["auto", "xla", "pallas"] = "auto"
+    # KV positions per kernel block (a multiple of 128: the score tile's lane dim). A slot reads its live positions
+    # rounded up to a block, and every block is one grid step (~0.35 us of fixed cost each on TPU, however small):
+    # 512 = rollout.decode_window_block's default, so each window is whole blocks and a slot over-reads < 512
+    # positions (a few % of ORZ's multi-thousand-token responses) while a 10k-position window is 20 grid steps.
+    decode_block_kv: int = DECODE_BLOCK_KV
 
 
 @dataclass
@@ -523,6 +535,10 @@ def validate(cfg: Config) -> None:
         _check(v >= 128 and v % 128 == 0, f"model.{key}", f"must be a multiple of 128 (the TPU lane width), got {v}")
     _check(m.splash_block_kv % m.splash_block_kv_compute == 0, "model.splash_block_kv_compute",
            f"{m.splash_block_kv_compute} must divide model.splash_block_kv={m.splash_block_kv}")
+    _check(m.decode_attention_impl in DECODE_ATTENTION_IMPLS, "model.decode_attention_impl",
+           f"must be one of {DECODE_ATTENTION_IMPLS}, got {m.decode_attention_impl!r}")
+    _check(m.decode_block_kv >= 128 and m.decode_block_kv % 128 == 0, "model.decode_block_kv",
+           f"must be a multiple of 128 (the TPU lane width), got {m.decode_block_kv}")
     if m.attention_impl == "splash":
         _check(splash_blocks(splash_tiles(m), cfg.ppo.pack_len) is not None, "ppo.pack_len",
                splash_blocks_problem(splash_tiles(m), cfg.ppo.pack_len, "ppo.pack_len"))
@@ -765,6 +781,19 @@ def resolve_attention_impl(impl: str, platform: str, interpret: bool = False) ->
     if impl == "cudnn":
         _check(gpu, "model.attention_impl",
                f"'cudnn' needs NVIDIA GPUs but the mesh's devices are {platform!r}; use 'auto' or 'xla'")
+    return impl
+
+
+def resolve_decode_attention_impl(impl: str, platform: str, interpret: bool = False) -> str:
+    """The decode attention for devices of ``platform``: ``auto`` -> pallas on TPU, xla elsewhere. ``pallas`` on
+    another platform is a ConfigError naming ``model.decode_attention_impl`` (``interpret``: tests only)."""
+    _check(impl in DECODE_ATTENTION_IMPLS, "model.decode_attention_impl",
+           f"must be one of {DECODE_ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if platform == "tpu" else "xla"
+    if impl == "pallas":
+        _check(platform == "tpu" or interpret, "model.decode_attention_impl",
+               f"'pallas' is a TPU kernel but the mesh's devices are {platform!r}; use 'auto' or 'xla'")
     return impl
 
 
