@@ -802,6 +802,7 @@ def check_attention(cfg: Config, platform: str) -> str:
     (``ppo.pack_len`` tokens) get, or a one-line ConfigError (a kernel named on the wrong platform; splash named
     with a ``ppo.pack_len`` its tiles do not divide). ``auto`` takes the XLA path for rows splash cannot tile
     (e.g. the demo's 88-token rows on a TPU), as ``AttentionSpec.resolve`` does at trace time."""
+    resolve_decode_attention_impl(cfg.model.decode_attention_impl, platform)  # a decode kernel on the wrong platform
     impl = resolve_attention_impl(cfg.model.attention_impl, platform)
     if impl == "splash" and splash_blocks(splash_tiles(cfg.model), cfg.ppo.pack_len) is None:
         _check(cfg.model.attention_impl == "auto", "ppo.pack_len",

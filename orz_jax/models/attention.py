@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import math
 import re
-import threading
+import types
 from typing import Optional
 
 import jax
@@ -36,7 +36,9 @@ from orz_jax.config import DECODE_BLOCK_KV, SPLASH_BLOCK, ModelConfig, resolve_a
     splash_blocks, splash_blocks_problem, splash_tiles
 from orz_jax.sharding import LOGICAL_RULES, current_mesh, logical_to_spec
 
-_STATE = threading.local()
+# Process-wide, not per thread: JetStream's orchestrator traces the decode step in its own threads, and a test
+# that enters pallas_interpret() must reach those traces too.
+_STATE = types.SimpleNamespace(interpret=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,6 +183,8 @@ def ragged_decode_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
     call = functools.partial(ragged_decode_call, read_len=read_len, block_kv=block_kv, head_dim=d,
                              interpret=interpret)
     if mesh is None or mesh.size == 1:
+        if shards != 1:
+            raise ValueError(f"ragged decode attention: {shards} kv shards need a mesh with a tensor axis")
         out = call(qbd, k_cache, v_cache, lengths, layer)
     else:
         # the engine's cache layout (rules table), so the cache is read where it lives; a mesh axis that does not
