@@ -49,6 +49,9 @@ from orz_jax.sharding import current_mesh, logical_to_spec
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, as the XLA path's: no inf - inf in the rescale
 _LANES = 128  # the running max / sum are kept lane-replicated ([rows, 128]), the TPU's native f32 tile
+# VMEM budget of a slot group's double-buffered K / V blocks: with it the v5p compiles (7B, 0.5B, the tests' tiny
+# models) fit the compiler's default scoped VMEM, no CompilerParams.vmem_limit_bytes needed
+_GROUP_VMEM_BYTES = 8 << 20
 
 
 def block_for(block_kv: int, read_len: int, max_len: int) -> int:
@@ -68,25 +71,46 @@ def kv_block_index(j, length, block: int):
     return jnp.minimum(j, last)
 
 
-def decode_grid_spec(slots: int, rows: int, fold: int, num_blocks: int, block: int) -> pltpu.PrefetchScalarGridSpec:
-    """The kernel's grid spec for ``slots`` local slots, ``rows`` query rows and a local ``fold`` of ``fold``
-    lanes, ``num_blocks`` kv blocks of ``block`` positions (the window's static bound)."""
-    q_spec = pl.BlockSpec((None, None, rows, fold), lambda s, j, lengths, layer: (s, 0, 0, 0))
-    kv_spec = pl.BlockSpec((None, None, block, fold),
-                           lambda s, j, lengths, layer: (layer[0], s, kv_block_index(j, lengths[s], block), 0))
+def slot_group(slots: int, block: int, fold: int, itemsize: int) -> int:
+    """Slots per grid step: the largest of 8, 4, 2, 1 that divides ``slots`` and keeps the double-buffered K / V
+    blocks of the group (2 x 2 x group x block x fold x itemsize) within 8 MiB of VMEM. Each grid step has a fixed
+    cost however little it moves; a group of slots per step divides the steps (slots x window blocks per layer)
+    by the group while each slot keeps its own clamped K / V inputs (its own live blocks only)."""
+    for g in (8, 4, 2):
+        if slots % g == 0 and 2 * 2 * g * block * fold * itemsize <= _GROUP_VMEM_BYTES:
+            return g
+    return 1
+
+
+def decode_grid_spec(slots: int, rows: int, fold: int, num_blocks: int, block: int,
+                     group: int = 1) -> pltpu.PrefetchScalarGridSpec:
+    """The kernel's grid spec for ``slots`` local slots in groups of ``group`` per grid step, ``rows`` query rows,
+    a local ``fold`` of ``fold`` lanes and ``num_blocks`` kv blocks of ``block`` positions (the window's static
+    bound). Inputs: q, then one K input per slot of a group, then one V input per slot of a group (the same cache
+    array each time, each with its own slot's clamped index map)."""
+    q_spec = pl.BlockSpec((group, None, rows, fold), lambda i, j, lengths, layer: (i, 0, 0, 0))
+
+    def kv_spec(t):
+        def index(i, j, lengths, layer):
+            s = i * group + t
+            return layer[0], s, kv_block_index(j, lengths[s], block), 0
+        return pl.BlockSpec((None, None, block, fold), index)
+
+    kv = [kv_spec(t) for t in range(group)]
     return pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(slots, num_blocks), in_specs=[q_spec, kv_spec, kv_spec], out_specs=q_spec,
-        scratch_shapes=[pltpu.VMEM((rows, _LANES), jnp.float32),  # running max
-                        pltpu.VMEM((rows, _LANES), jnp.float32),  # running sum
-                        pltpu.VMEM((rows, fold), jnp.float32)])  # running output
+        num_scalar_prefetch=2, grid=(slots // group, num_blocks), in_specs=[q_spec, *kv, *kv], out_specs=q_spec,
+        scratch_shapes=[pltpu.VMEM((group, rows, _LANES), jnp.float32),  # running max
+                        pltpu.VMEM((group, rows, _LANES), jnp.float32),  # running sum
+                        pltpu.VMEM((group, rows, fold), jnp.float32)])  # running output
 
 
-def _kernel(lengths_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, block: int,
-            scale: float):
-    """One (slot, kv block) step. q_ref [rows, fold]; k_ref / v_ref [block, fold]; o_ref [rows, fold]."""
+def _kernel(lengths_ref, layer_ref, q_ref, *refs, block: int, group: int, scale: float):
+    """One (slot group, kv block) step. q_ref / o_ref [group, rows, fold]; refs: ``group`` K blocks, ``group`` V
+    blocks ([block, fold] each), o_ref, then the scratch m / l [group, rows, 128] and acc [group, rows, fold]."""
     del layer_ref  # used by the index maps only
-    s, j = pl.program_id(0), pl.program_id(1)
-    length = lengths_ref[s]
+    k_refs, v_refs = refs[:group], refs[group:2 * group]
+    o_ref, m_ref, l_ref, acc_ref = refs[2 * group:]
+    i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
@@ -94,32 +118,35 @@ def _kernel(lengths_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, ac
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(j * block < length)  # a block with live positions (the clamp re-serves the last one: skip it)
-    def _step():
-        q = q_ref[...]  # [rows, fold]
-        k = k_ref[...]  # [block, fold]
-        v = v_ref[...]
-        scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32) * scale  # [rows, block]
-        pos = j * block + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
-        scores = jnp.where(pos < length, scores, _MASK_VALUE)
-        # positions past the array's end in a partial last block hold unspecified bits: zero them so that
-        # 0-weight x NaN cannot leak into the output
-        vpos = j * block + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
-        v = jnp.where(vpos < length, v, jnp.zeros((), v.dtype))
-        m_prev = m_ref[...]  # [rows, 128]
-        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))  # [rows, 128]
-        p = jnp.exp(scores - m_new[:, :1])  # [rows, block]
-        alpha = jnp.exp(m_prev - m_new)  # [rows, 128]
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_ref[...] = m_new
-        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)  # [rows, fold]
-        acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
+    for t in range(group):  # static: one online-softmax update per slot of the group
+        length = lengths_ref[i * group + t]
+
+        @pl.when(j * block < length)  # a block with live positions (the clamp re-serves the last one: skip it)
+        def _step(t=t, length=length):
+            q = q_ref[t]  # [rows, fold]
+            k = k_refs[t][...]  # [block, fold]
+            v = v_refs[t][...]
+            scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32) * scale  # [rows, block]
+            pos = j * block + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+            scores = jnp.where(pos < length, scores, _MASK_VALUE)
+            # positions past the array's end in a partial last block hold unspecified bits: zero them so that
+            # 0-weight x NaN cannot leak into the output
+            vpos = j * block + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+            v = jnp.where(vpos < length, v, jnp.zeros((), v.dtype))
+            m_prev = m_ref[t]  # [rows, 128]
+            m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))  # [rows, 128]
+            p = jnp.exp(scores - m_new[:, :1])  # [rows, block]
+            alpha = jnp.exp(m_prev - m_new)  # [rows, 128]
+            l_ref[t] = alpha * l_ref[t] + jnp.sum(p, axis=1, keepdims=True)
+            m_ref[t] = m_new
+            pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)  # [rows, fold]
+            acc_ref[t] = acc_ref[t] * alpha[:, :1] + pv
 
     @pl.when(j == pl.num_programs(1) - 1)
     def _finish():
-        l = l_ref[...][:, :1]
+        l = l_ref[...][:, :, :1]
         # an empty slot (length 0) visited nothing: output zeros, not 0 / 0
         o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
@@ -133,22 +160,23 @@ def ragged_decode_call(q, k_cache, v_cache, lengths, layer, *, read_len: int, bl
     max_len = k_cache.shape[2]
     block = block_for(block_kv, read_len, max_len)
     num_blocks = -(-min(read_len, max_len) // block)
+    itemsize = jnp.dtype(k_cache.dtype).itemsize
+    group = slot_group(slots, block, fold, itemsize)
     # What the step reads at most (the static bound the compile tool prices): each slot's window of K and V once,
     # plus the queries and outputs. At run time the clamp cuts it to each slot's live blocks.
     read = min(num_blocks * block, max_len)
-    itemsize = jnp.dtype(k_cache.dtype).itemsize
     cost = pl.CostEstimate(
         flops=int(2 * 2 * slots * rows * read * fold),  # q k^T and p v, contracted over the whole local fold
         transcendentals=int(slots * rows * read),
         bytes_accessed=int(2 * slots * read * fold * itemsize + 2 * q.size * jnp.dtype(q.dtype).itemsize
                            + lengths.size * 4 + 4))
     out = pl.pallas_call(
-        functools.partial(_kernel, block=block, scale=1.0 / math.sqrt(head_dim)),
-        grid_spec=decode_grid_spec(slots, rows, fold, num_blocks, block),
+        functools.partial(_kernel, block=block, group=group, scale=1.0 / math.sqrt(head_dim)),
+        grid_spec=decode_grid_spec(slots, rows, fold, num_blocks, block, group),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         cost_estimate=cost, interpret=interpret, name="ragged_decode_attention",
-    )(lengths.astype(jnp.int32), layer.astype(jnp.int32), q, k_cache, v_cache)
+    )(lengths.astype(jnp.int32), layer.astype(jnp.int32), q, *([k_cache] * group), *([v_cache] * group))
     return out
 
 
