@@ -107,9 +107,10 @@ class ModelConfig:
     # "auto": pallas on a TPU mesh, xla elsewhere. Prefill (many tokens per row) always takes the XLA path.
     decode_attention_impl: Literal["auto", "xla", "pallas"] = "auto"
     # KV positions per kernel block (a multiple of 128: the score tile's lane dim). A slot reads its live positions
-    # rounded up to a block, and every block is one grid step (~0.35 us of fixed cost each on TPU, however small):
+    # rounded up to a block, and each window block is a grid step (a fixed cost per step, however little it moves):
     # 512 = rollout.decode_window_block's default, so each window is whole blocks and a slot over-reads < 512
-    # positions (a few % of ORZ's multi-thousand-token responses) while a 10k-position window is 20 grid steps.
+    # positions (a few % of ORZ's multi-thousand-token responses) while a 10k-position window is 20 steps per slot
+    # group. Untimed on a TPU: the trade-off above is by construction, not measured.
     decode_block_kv: int = DECODE_BLOCK_KV
 
 

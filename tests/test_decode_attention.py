@@ -49,8 +49,8 @@ def _reference64(q, k, v, lengths):
 LENGTHS = np.array([0, 1, 128, 129, 300, 0], np.int32)  # empty / done slots, block edges, ragged; 2 slots per step
 
 
-@pytest.mark.parametrize("kvh,g,d", [(2, 3, 64), (1, 4, 128), (4, 1, 64)])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kvh,g,d,dtype", [(2, 3, 64, "float32"), (1, 4, 128, "float32"), (4, 1, 64, "bfloat16"),
+                                           (1, 4, 128, "bfloat16")])  # GQA groups of 3, 4, 1; head_dim 64 and 128
 def test_kernel_equals_float64_reference_on_ragged_lengths(kvh, g, d, dtype):
     rng = np.random.RandomState(kvh * 100 + d)
     layers, b, max_len, layer = 3, len(LENGTHS), 330, 1  # 330: the last 128-block of the window is partial

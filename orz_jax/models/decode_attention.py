@@ -7,18 +7,20 @@ bound of its grid.
 
 Layout, as the engine keeps the cache (``KVCache``, folded, updated in place by the layer scan):
 
-    q           [slots, shards, rows, fold]   block-diagonal queries (see below), rows = local kv heads x group
+    q           [slots, shards, rows, fold]   block-diagonal queries (see below), rows = local kv heads x GQA group
     k_cache     [layers, slots, max_len, kv_heads * head_dim]   the whole stacked cache, read in place
     v_cache     [layers, slots, max_len, kv_heads * head_dim]
     lengths     [slots] int32: live positions per slot (0: a done / empty slot, nothing read)
     layer       [1] int32: which layer's slice to read (the layer scan's index; no dynamic_slice copy)
     ->          [slots, shards, rows, fold]   attention output per query row over the whole local fold
 
-Grid (slot, kv block), ``PrefetchScalarGridSpec`` with ``lengths`` and ``layer`` as scalar prefetch. The K / V
-``BlockSpec`` index map clamps the kv-block index to the slot's last live block (:func:`kv_block_index`): for the
-dead tail of a slot's window the pipeline sees the same block index again and issues no new DMA, and the kernel
-body skips the compute (``pl.when``). That clamp is why the bytes read are the live KV only. An online softmax
-carries the running max / sum / output over the kv blocks of a slot in VMEM scratch.
+Grid (slot group, kv block), ``PrefetchScalarGridSpec`` with ``lengths`` and ``layer`` as scalar prefetch. Each
+slot of a group (up to 8 slots per grid step, :func:`slot_group`) has its own K and V input (the same cache array)
+whose ``BlockSpec`` index map clamps the kv-block index to that slot's last live block (:func:`kv_block_index`):
+for the dead tail of a slot's window the pipeline sees the same block index again and issues no new DMA, and the
+kernel body skips the compute (``pl.when``). That clamp is why the bytes read are the live KV only; grouping slots
+divides the grid steps (each with a fixed cost) without giving a short slot the reads of a long one. An online
+softmax carries the running max / sum / output over the kv blocks of each slot in VMEM scratch.
 
 Folded minor dim, no 64-lane layout: as ``folded_attention``, the query of head h (kv head j = h // group) is
 spread block-diagonally over the local fold (its vector in block j, zeros elsewhere), so both matmuls contract
