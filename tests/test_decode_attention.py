@@ -12,7 +12,6 @@ import importlib.util
 import json
 import textwrap
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -274,7 +273,7 @@ data: {prompts_per_iter: 8}
 """
 
 AOT_SCRIPT = """
-import json, os, sys
+import json, sys
 import jax
 from orz_jax.compile import _placeholder_tokenizer, parse_topology, topology_devices, with_shardings
 from orz_jax.config import load_config
@@ -292,7 +291,8 @@ for w in (256, 2048):
     hlo = engine._generate_jit.lower(engine.params, state, engine.sampling, w).compile().as_text()
     cost = analyze_hlo(hlo)
     kernel = [(n, b) for c, n, op, f, b in cost.top("bytes", 10 ** 6) if op == "custom-call"]
-    out[w] = {"bytes": cost.bytes_accessed, "kernel": kernel, "mosaic": hlo.count('custom_call_target="tpu_custom_call"')}
+    mosaic = hlo.count('custom_call_target="tpu_custom_call"')
+    out[w] = {"bytes": cost.bytes_accessed, "kernel": kernel, "mosaic": mosaic}
 json.dump(out, open(sys.argv[2], "w"))
 """
 

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from orz_jax.config import DECODE_BLOCK_KV, SPLASH_BLOCK, ModelConfig, resolve_attention_impl, resolve_decode_attention_impl, \
-    splash_blocks, splash_blocks_problem, splash_tiles
+from orz_jax.config import DECODE_BLOCK_KV, SPLASH_BLOCK, ModelConfig, resolve_attention_impl, \
+    resolve_decode_attention_impl, splash_blocks, splash_blocks_problem, splash_tiles
 from orz_jax.sharding import LOGICAL_RULES, current_mesh, logical_to_spec
 
 # Process-wide, not per thread: JetStream's orchestrator traces the decode step in its own threads, and a test
@@ -77,8 +77,8 @@ class AttentionSpec:
 
 @contextlib.contextmanager
 def pallas_interpret():
-    """Tests only: run the splash and decode kernels in Pallas interpret mode (on any platform, e.g. the CPU). Not a config
-    key on purpose: interpret mode is orders of magnitude slower than the compiled kernel."""
+    """Tests only: run the splash and decode kernels in Pallas interpret mode (on any platform, e.g. the CPU). Not a
+    config key on purpose: interpret mode is orders of magnitude slower than the compiled kernel."""
     prev = getattr(_STATE, "interpret", False)
     _STATE.interpret = True
     try:
