@@ -23,6 +23,8 @@ import yaml
 DEFAULT_ATTENTION_BLOCK = 256  # ModelConfig.attention_block; fastest of 64-512 for 2048-token rows on a CPU
 SPLASH_BLOCK = 512  # ModelConfig.splash_block_*: MaxText's default splash tiles
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")  # model.decode_attention_impl
+DECODE_BLOCK_KV = 512  # model.decode_block_kv (see there)
 
 
 class ConfigError(ValueError):
@@ -82,7 +84,7 @@ class ModelConfig:
     # annealing stage). The model's architecture and tokenizer still come from model.checkpoint. A run
     # that has checkpoints of its own resumes from those instead.
     init_from_run: Optional[str] = None
-    # Training / scoring attention (the full-row path; decode always uses XLA ops). "xla": XLA ops in causal
+    # Training / scoring attention (the full-row path; decode: model.decode_attention_impl). "xla": XLA ops in causal
     # blocks of attention_block (the [q, k] scores are materialised; the reference every kernel is tested
     # against). "splash": the Pallas splash-attention kernel (TPU only). "cudnn": cuDNN's fused attention via
     # jax.nn.dot_product_attention (GPU only). "auto": splash on a TPU mesh, cudnn on a GPU mesh, xla on a CPU,
@@ -99,6 +101,19 @@ class ModelConfig:
     # on long rows (2048-token rows on a CPU: 2.0x faster updates). 0: one dense [q, k] block. Compile time
     # grows with the number of blocks per row: keep rows / block small (the ORZ configs use 2048 for 16384).
     attention_block: int = DEFAULT_ATTENTION_BLOCK
+    # Decode attention (the KV-cache step, one new token per slot). "pallas": a Pallas kernel that reads only each
+    # slot's live KV blocks: on a TPU orz_jax/models/decode_attention.py (Mosaic), on a GPU
+    # orz_jax/models/gpu_decode_attention.py (Triton; tested in interpret mode only, never compiled on a GPU yet:
+    # "xla" is the fallback). "xla": folded_attention over the decode window, so every slot reads the longest live
+    # slot's window (the reference, and the CPU path). "auto": pallas on a TPU or GPU mesh, xla on a CPU. Prefill
+    # (many tokens per row) always takes the XLA path.
+    decode_attention_impl: Literal["auto", "xla", "pallas"] = "auto"
+    # KV positions per kernel block (a multiple of 128: the score tile's lane dim). A slot reads its live positions
+    # rounded up to a block, and each window block is a grid step (a fixed cost per step, however little it moves):
+    # 512 = rollout.decode_window_block's default, so each window is whole blocks and a slot over-reads < 512
+    # positions (a few % of ORZ's multi-thousand-token responses) while a 10k-position window is 20 steps per slot
+    # group. Untimed on a TPU: the trade-off above is by construction, not measured.
+    decode_block_kv: int = DECODE_BLOCK_KV
 
 
 @dataclass
@@ -530,6 +545,10 @@ def validate(cfg: Config) -> None:
         _check(v >= 128 and v % 128 == 0, f"model.{key}", f"must be a multiple of 128 (the TPU lane width), got {v}")
     _check(m.splash_block_kv % m.splash_block_kv_compute == 0, "model.splash_block_kv_compute",
            f"{m.splash_block_kv_compute} must divide model.splash_block_kv={m.splash_block_kv}")
+    _check(m.decode_attention_impl in DECODE_ATTENTION_IMPLS, "model.decode_attention_impl",
+           f"must be one of {DECODE_ATTENTION_IMPLS}, got {m.decode_attention_impl!r}")
+    _check(m.decode_block_kv >= 128 and m.decode_block_kv % 128 == 0, "model.decode_block_kv",
+           f"must be a multiple of 128 (the TPU lane width), got {m.decode_block_kv}")
     if m.attention_impl == "splash":
         _check(splash_blocks(splash_tiles(m), cfg.ppo.pack_len) is not None, "ppo.pack_len",
                splash_blocks_problem(splash_tiles(m), cfg.ppo.pack_len, "ppo.pack_len"))
@@ -783,11 +802,32 @@ def resolve_serving_layers(layout: str, platform: str) -> str:
     return ("stacked" if platform == "tpu" else "per_layer") if layout == "auto" else layout
 
 
+def resolve_decode_attention_impl(impl: str, platform: str, interpret: Optional[str] = None) -> str:
+    """The decode attention for devices of ``platform``: "pallas" (the TPU kernel), "pallas_gpu" (the GPU kernel)
+    or "xla". ``auto`` -> the platform's kernel on TPU / GPU, xla elsewhere. ``pallas`` on a CPU is a ConfigError
+    naming ``model.decode_attention_impl``, unless ``interpret`` (tests only: Pallas interpret mode) names the
+    kernel to interpret there ("tpu" or "gpu")."""
+    _check(impl in DECODE_ATTENTION_IMPLS, "model.decode_attention_impl",
+           f"must be one of {DECODE_ATTENTION_IMPLS}, got {impl!r}")
+    gpu = platform in ("gpu", "cuda", "rocm")
+    kernel = "pallas" if platform == "tpu" else "pallas_gpu" if gpu else None
+    if impl == "auto":
+        return kernel or "xla"
+    if impl == "pallas":
+        if kernel is None and interpret:
+            return "pallas_gpu" if interpret == "gpu" else "pallas"
+        _check(kernel is not None, "model.decode_attention_impl",
+               f"'pallas' has kernels for TPU and GPU but the mesh's devices are {platform!r}; use 'auto' or 'xla'")
+        return kernel
+    return impl
+
+
 def check_attention(cfg: Config, platform: str) -> str:
     """Start-up check of the training attention on devices of ``platform``: the implementation the training rows
     (``ppo.pack_len`` tokens) get, or a one-line ConfigError (a kernel named on the wrong platform; splash named
     with a ``ppo.pack_len`` its tiles do not divide). ``auto`` takes the XLA path for rows splash cannot tile
     (e.g. the demo's 88-token rows on a TPU), as ``AttentionSpec.resolve`` does at trace time."""
+    resolve_decode_attention_impl(cfg.model.decode_attention_impl, platform)  # a decode kernel on the wrong platform
     impl = resolve_attention_impl(cfg.model.attention_impl, platform)
     if impl == "splash" and splash_blocks(splash_tiles(cfg.model), cfg.ppo.pack_len) is None:
         _check(cfg.model.attention_impl == "auto", "ppo.pack_len",

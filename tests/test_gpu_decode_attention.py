@@ -104,3 +104,34 @@ np.testing.assert_allclose(np.asarray(sharded), np.asarray(one), atol=1e-6, rtol
 print("OK")
 """, n_devices=8, timeout=300)
     assert out.rstrip().endswith("OK")
+
+
+def _has_gpu() -> bool:
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU: compiles the Triton kernel")
+def test_compiled_kernel_on_gpu():
+    """On a GPU: the compiled kernel (not interpret mode) equals float64, in float32 and bfloat16 caches."""
+    import jax
+    import jax.numpy as jnp
+
+    from orz_jax.models.gpu_decode_attention import gpu_decode_attention
+
+    q, k, v, lengths = _inputs(np.random.RandomState(2), 2, 8, 640, 4, 7, 128)
+    f = jax.jit(lambda *a: gpu_decode_attention(*a))
+    got = f(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.int32(1), jnp.asarray(lengths))
+    # float32 in and out, but Triton's dot may round its float32 operands to TF32 (10 mantissa bits, 2^-11
+    # relative): scores of magnitude ~30 then move by ~1.5e-2 before the softmax, ~1e-3 after it
+    np.testing.assert_allclose(np.asarray(got, np.float64), _reference(q, k, v, 1, lengths), atol=5e-3, rtol=0)
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    got = f(*bf, jnp.int32(1), jnp.asarray(lengths))
+    ref = _reference(*(np.asarray(a, np.float32) for a in bf), 1, lengths)
+    # the kernel computes in float32 from the bfloat16 inputs; its output is rounded to bfloat16 (relative 2^-9)
+    # and is a convex mix of values of magnitude < 4 here: <= 8e-3, plus float32 sums
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=1e-2, rtol=0)

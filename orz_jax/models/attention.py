@@ -25,18 +25,20 @@ import contextlib
 import dataclasses
 import math
 import re
-import threading
+import types
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from orz_jax.config import SPLASH_BLOCK, ModelConfig, resolve_attention_impl, splash_blocks, splash_blocks_problem, \
-    splash_tiles
+from orz_jax.config import DECODE_BLOCK_KV, SPLASH_BLOCK, ModelConfig, resolve_attention_impl, \
+    resolve_decode_attention_impl, splash_blocks, splash_blocks_problem, splash_tiles
 from orz_jax.sharding import LOGICAL_RULES, current_mesh, logical_to_spec
 
-_STATE = threading.local()
+# Process-wide, not per thread: JetStream's orchestrator traces the decode step in its own threads, and a test
+# that enters pallas_interpret() must reach those traces too.
+_STATE = types.SimpleNamespace(interpret=False, decode_kernel="tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +49,23 @@ class AttentionSpec:
 
     impl: str = "xla"
     splash_tiles: tuple[int, int, int] = (SPLASH_BLOCK, SPLASH_BLOCK, SPLASH_BLOCK)
+    # the decode step's attention (``model.decode_attention_impl``: auto / xla / pallas) and its kv block
+    decode_impl: str = "xla"
+    decode_block_kv: int = DECODE_BLOCK_KV
 
     @classmethod
     def from_config(cls, m: ModelConfig) -> "AttentionSpec":
-        return cls(impl=m.attention_impl, splash_tiles=splash_tiles(m))
+        return cls(impl=m.attention_impl, splash_tiles=splash_tiles(m), decode_impl=m.decode_attention_impl,
+                   decode_block_kv=m.decode_block_kv)
+
+    def resolve_decode(self, seq: int, mesh: Optional[Mesh] = None) -> str:
+        """The KV-cache path's implementation for ``seq`` new tokens per row on ``mesh`` (default: the one traced
+        under): "pallas" (orz_jax.models.decode_attention, TPU) or "pallas_gpu" (orz_jax.models.gpu_decode_attention)
+        for one token per row when it resolves so, else "xla" (prefill keeps the XLA path)."""
+        mesh = current_mesh() if mesh is None else mesh
+        impl = resolve_decode_attention_impl(self.decode_impl, mesh_platform(mesh),
+                                             interpret=_STATE.decode_kernel if interpreting() else None)
+        return impl if seq == 1 else "xla"
 
     def resolve(self, seq: int, mesh: Optional[Mesh] = None) -> str:
         """The implementation for rows of ``seq`` tokens on ``mesh`` (default: the one traced under). ``auto``
@@ -62,19 +77,20 @@ class AttentionSpec:
 
 
 @contextlib.contextmanager
-def pallas_interpret():
-    """Tests only: run the splash kernel in Pallas interpret mode (on any platform, e.g. the CPU). Not a config
-    key on purpose: interpret mode is orders of magnitude slower than the compiled kernel."""
-    prev = getattr(_STATE, "interpret", False)
-    _STATE.interpret = True
+def pallas_interpret(decode_kernel: str = "tpu"):
+    """Tests only: run the splash and decode kernels in Pallas interpret mode (on any platform, e.g. the CPU). Not a
+    config key on purpose: interpret mode is orders of magnitude slower than the compiled kernel. ``decode_kernel``:
+    which decode kernel ``model.decode_attention_impl: pallas`` interprets on a CPU, "tpu" or "gpu"."""
+    prev = (_STATE.interpret, _STATE.decode_kernel)
+    _STATE.interpret, _STATE.decode_kernel = True, decode_kernel
     try:
         yield
     finally:
-        _STATE.interpret = prev
+        _STATE.interpret, _STATE.decode_kernel = prev
 
 
 def interpreting() -> bool:
-    return getattr(_STATE, "interpret", False)
+    return _STATE.interpret
 
 
 def mesh_platform(mesh: Optional[Mesh]) -> str:

@@ -24,7 +24,9 @@ import numpy as np
 from flax import nnx
 
 from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig
-from orz_jax.models.attention import AttentionSpec, cudnn_attention, splash_attention
+from orz_jax.models.attention import AttentionSpec, cudnn_attention, interpreting, splash_attention
+from orz_jax.models.decode_attention import ragged_decode_attention
+from orz_jax.models.gpu_decode_attention import gpu_decode_attention
 from orz_jax.sharding import constrain, kv_fold_shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -193,6 +195,20 @@ class Attention(nnx.Module):
             k_all = cache.k.at[layer, rows, cols].set(k.reshape(b, s, fold).astype(cache.k.dtype), mode="drop")
             v_all = cache.v.at[layer, rows, cols].set(v.reshape(b, s, fold).astype(cache.v.dtype), mode="drop")
             cache = cache.replace(k=k_all, v=v_all)
+            decode_impl = self.attention.resolve_decode(s)
+            if decode_impl in ("pallas", "pallas_gpu"):
+                # one token per slot: the Pallas kernel reads this layer of the stacked cache in place, only
+                # each live slot's filled blocks (+ the new token); a done / empty slot reads nothing
+                live = jnp.where(segment_ids[:, 0] != 0, cache.lengths + 1, 0)  # [batch]
+                qg = q.reshape(b, s, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+                if decode_impl == "pallas":
+                    out = ragged_decode_attention(qg, k_all, v_all, live, layer, read_len=cache.read_len,
+                                                  block_kv=self.attention.decode_block_kv,
+                                                  shards=kv_fold_shards(self.num_kv_heads), interpret=interpreting())
+                else:  # the GPU kernel reads the whole allocated cache length as its bound: no window needed
+                    out = gpu_decode_attention(qg[:, 0], k_all, v_all, layer, live, interpret=interpreting())
+                out = out.reshape(b, s, self.num_heads, self.head_dim)
+                return jnp.einsum("bshd,hde->bse", out, self.o.value.astype(self.dtype)), cache
             # Only the window's positions are read: a static-size slice of this layer, so what XLA reads
             # scales with the window, not with the allocated max_len.
             w = cache.read_len
