@@ -87,6 +87,12 @@ class ModelConfig:
     # activations then exist for one chunk at a time, with the same FLOPs under remat (7B, 16,384-token rows:
     # ~6 x 148 MiB -> 6 x 37 MiB per device at 4096). 0: whole rows. Rows it does not divide run whole.
     mlp_chunk: int = 0
+    # Keep the layer inputs that remat saves in host memory, not in device memory: each goes to the host as its
+    # layer runs forward and comes back just before its layer's backward (the in-place layer scan,
+    # orz_jax/models/layer_scan.py; needs ppo.grad_accumulation: in_place). 7B on v5p-32: the actor step's
+    # temporaries 1.4 GiB lower, for 2 x 28 x 28 MiB of host transfers per device per micro-batch (3.4 TB per
+    # actor step). Default off.
+    remat_offload: bool = False
     # Std of the critic's freshly initialised value head (0: zeros). "auto": ORZ's 1 / (hidden_size + 1)
     # (its critic is the base model plus a new head; the ORZ configs use it). See models/build.py.
     critic_head_init_std: Union[float, Literal["auto"]] = 0.0
@@ -606,6 +612,9 @@ def validate(cfg: Config) -> None:
         _check(m.param_dtype == "float32", "ppo.grad_accumulation",
                f"'in_place' adds into the float32 accumulator through the parameters' own gradient: it needs "
                f"model.param_dtype: float32, got {m.param_dtype!r}")
+    _check(not m.remat_offload or p.grad_accumulation == "in_place", "model.remat_offload",
+           "the saved layer inputs go to the host in the in-place layer scan: it needs ppo.grad_accumulation: "
+           f"in_place, got {p.grad_accumulation!r}")
     _check(p.pack_len >= r.max_prompt_len + r.max_response_len, "ppo.pack_len",
            f"must hold one whole sample: >= rollout.max_prompt_len + rollout.max_response_len "
            f"= {r.max_prompt_len + r.max_response_len}, got {p.pack_len}")

@@ -25,7 +25,7 @@ from orz_jax.sharding import constrain
 
 
 def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_acc: Any,
-                             saved_axes: Sequence) -> jax.Array:
+                             saved_axes: Sequence, offload: bool = False) -> jax.Array:
     """The layer scan ``x -> layer(... layer(x, stacked[0], 0) ..., stacked[n-1], n-1)`` whose gradient with
     respect to ``stacked`` comes back as ``grad_acc`` plus that gradient, added in place layer by layer.
 
@@ -35,6 +35,8 @@ def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_a
       stacked: pytree of [layers, ...] parameters (float32, like ``grad_acc``; the cotangent keeps their dtype).
       grad_acc: pytree like ``stacked``, float32: the gradient accumulated so far.
       saved_axes: logical axes of the saved per-layer inputs [batch, seq, embed].
+      offload: keep the saved inputs in host memory (``model.remat_offload``): each goes to the host as its
+        layer runs forward and comes back to the device just before its layer's backward.
     Returns:
       [batch, seq, embed] the last layer's output. Its VJP: (d x, grad_acc + d stacked, None).
     """
@@ -45,7 +47,8 @@ def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_a
         def body(x, xs):
             params, i = xs
             x = constrain(x, saved_axes)
-            return layer(x, params, i), (x if keep else None)
+            saved = jax.device_put(x, jax.memory.Space.Host) if keep and offload else x
+            return layer(x, params, i), (saved if keep else None)
 
         return jax.lax.scan(body, x, (stacked, idx))  # (output, inputs [layers, batch, seq, embed] or None)
 
@@ -64,7 +67,8 @@ def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_a
             ct_x, acc = carry
             params = jax.tree.map(lambda a: a[i], stacked)
             # recompute layer i from its saved input and pull the cotangent through it (full remat)
-            _, vjp = jax.vjp(lambda x, p: layer(x, p, i), inputs[i], params)
+            x_in = jax.device_put(inputs[i], jax.memory.Space.Device) if offload else inputs[i]
+            _, vjp = jax.vjp(lambda x, p: layer(x, p, i), x_in, params)
             ct_x, ct_p = vjp(ct_x)
             acc = jax.tree.map(lambda a, c: a.at[i].add(c.astype(a.dtype)), acc, ct_p)  # in place: a loop carry
             return (ct_x, acc), None

@@ -351,7 +351,8 @@ class Transformer(nnx.Module):
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
-                 sequence_parallel: bool = False, mlp_chunk: int = 0, rngs: nnx.Rngs):
+                 sequence_parallel: bool = False, mlp_chunk: int = 0, remat_offload: bool = False,
+                 rngs: nnx.Rngs):
         self.arch = arch
         self.embed = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), arch.initializer_range,
                             param_dtype)
@@ -360,7 +361,7 @@ class Transformer(nnx.Module):
         self.layers = Block(arch, param_dtype=param_dtype, dtype=dtype, attention_block=attention_block,
                             stack=arch.num_layers, attention=attention, sequence_parallel=sequence_parallel,
                             mlp_chunk=mlp_chunk, rngs=rngs)
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.remat_offload = sequence_parallel, remat_offload
         self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.dtype, self.remat = dtype, remat
 
@@ -384,7 +385,7 @@ class Transformer(nnx.Module):
                 raise ValueError("Transformer: grad_acc needs full rows (no cache) and model.remat: full "
                                  f"(got remat {self.remat!r})")
             x = scan_layers_accumulating(lambda x, p, i: layer(x, None, p, i)[0], x, stacked, grad_acc,
-                                         residual_axes(self.sequence_parallel, True))
+                                         residual_axes(self.sequence_parallel, True), offload=self.remat_offload)
         else:
             if self.remat != "none":
                 # per layer: the backward pass recomputes one block's activations from its saved input
@@ -402,7 +403,7 @@ class Transformer(nnx.Module):
             cache = cache.replace(lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
         h = self.final_norm(x)
         if self.sequence_parallel and cache is None:
-            h = constrain(h, ("batch", "seq", "act_embed"))  # whole rows again for the heads (their chunks run along seq)
+            h = constrain(h, ("batch", "seq", "act_embed"))  # whole rows again: the heads' chunks run along seq
         return h, cache
 
 
@@ -411,10 +412,12 @@ class CausalLM(nnx.Module):
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
-                 sequence_parallel: bool = False, mlp_chunk: int = 0, rngs: nnx.Rngs):
+                 sequence_parallel: bool = False, mlp_chunk: int = 0, remat_offload: bool = False,
+                 rngs: nnx.Rngs):
         self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                        attention_block=attention_block, attention=attention,
-                                       sequence_parallel=sequence_parallel, mlp_chunk=mlp_chunk, rngs=rngs)
+                                       sequence_parallel=sequence_parallel, mlp_chunk=mlp_chunk,
+                                       remat_offload=remat_offload, rngs=rngs)
         if not arch.tie_word_embeddings:
             self.lm_head = _param(rngs, (arch.hidden_size, arch.vocab_size), ("embed", "vocab"),
                                   arch.initializer_range, param_dtype)
@@ -458,10 +461,11 @@ class Critic(nnx.Module):
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
                  head_init_std: float = 0.0, sequence_parallel: bool = False, mlp_chunk: int = 0,
-                 rngs: nnx.Rngs):
+                 remat_offload: bool = False, rngs: nnx.Rngs):
         self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                        attention_block=attention_block, attention=attention,
-                                       sequence_parallel=sequence_parallel, mlp_chunk=mlp_chunk, rngs=rngs)
+                                       sequence_parallel=sequence_parallel, mlp_chunk=mlp_chunk,
+                                       remat_offload=remat_offload, rngs=rngs)
         self.value_head = _param(rngs, (arch.hidden_size, 1), ("embed", "value"), head_init_std, param_dtype)
 
     @property
