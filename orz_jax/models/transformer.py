@@ -325,7 +325,8 @@ class Block(nnx.Module):
     def __call__(self, x, positions, segment_ids, inv_freq, layer, cache):
         resid = residual_axes(self.sequence_parallel, cache is None)
         # under sequence parallelism each sublayer's normalised input is gathered along seq (after the token-wise
-        # norm ran on this device's part of the row) and its output is reduce-scattered by the resid constraint
+        # norm ran on this device's part of the row) and its output goes back to this device's part by the resid
+        # constraint (XLA all-reduces it, then keeps the part: not the reduce-scatter Megatron uses)
         gather = (lambda t: constrain(t, ("batch", "seq", "act_embed"))) if resid[1] == "act_seq" else (lambda t: t)
         h, cache = self.attn(gather(self.attn_norm(x)), positions, segment_ids, inv_freq, layer, cache)
         x = constrain(x + h, resid)
