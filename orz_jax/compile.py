@@ -512,6 +512,10 @@ def compile_run(cfg: Config, topo: Topology, num_slices: int = 1, rows: Optional
         big = max(leaves, key=nbytes)
         if big.ndim > 0 and big.shape[0] > 1 and nbytes(big) > SYNC_PIECE_BYTES:
             rows = max(1, big.shape[0] * SYNC_PIECE_BYTES // nbytes(big))
+            # a piece of a leaf sharded along dim 0 (the LM head's embed on fsdp, when it is the largest leaf: a
+            # model of few layers) must stay divisible by that dim's shards
+            per_shard = big.shape[0] // big.sharding.shard_shape(big.shape)[0]
+            rows = max(per_shard, rows - rows % per_shard)
             big = jax.ShapeDtypeStruct((rows, *big.shape[1:]), big.dtype, sharding=big.sharding)
         sync = jax.jit(lambda p: p, out_shardings=rep)
         run("weight_sync", sync, big, calls=sum(map(nbytes, leaves)) / nbytes(big),

@@ -76,6 +76,25 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     remat: Literal["none", "full", "dots"] = "none"
+    # Megatron-style sequence parallelism of the full-row (training / scoring) path: between the attention and
+    # MLP sublayers the residual stream [batch, seq, embed] is split along seq over the ``tensor`` mesh axis (the
+    # rules table's ``act_seq``), not replicated on every tensor device. The norms run on a quarter of the row (at
+    # tensor 4), each sublayer gathers its normalised input, and what remat keeps per layer, the layer's input, is
+    # 1/tensor as large (7B on v5p-32: 3.06 -> 0.77 GiB per device for a 16,384-token row). Cost: expressed as
+    # sharding constraints, XLA keeps the sublayers' all-reduce and adds the gathers (7B actor step: +62 TB of
+    # all-gather per device, docs/tpu/README.md). Decode / prefill with a KV cache are unchanged. No effect
+    # without a tensor axis > 1. Default off; configs/orz_7b.yaml sets it.
+    sequence_parallel: bool = False
+    # Positions per chunk of the MLP's backward pass on full rows (orz_jax/models/mlp.py): its [batch, seq, mlp]
+    # activations then exist for one chunk at a time, with the same FLOPs under remat (7B, 16,384-token rows:
+    # ~6 x 148 MiB -> 6 x 37 MiB per device at 4096). 0: whole rows. Rows it does not divide run whole.
+    mlp_chunk: int = 0
+    # Keep the layer inputs that remat saves in host memory, not in device memory: each goes to the host as its
+    # layer runs forward and comes back just before its layer's backward (the in-place layer scan,
+    # orz_jax/models/layer_scan.py; needs ppo.grad_accumulation: in_place). 7B on v5p-32: the actor step's
+    # temporaries 1.4 GiB lower, for 2 x 28 x 28 MiB of host transfers per device per micro-batch (3.4 TB per
+    # actor step). Default off.
+    remat_offload: bool = False
     # Std of the critic's freshly initialised value head (0: zeros). "auto": ORZ's 1 / (hidden_size + 1)
     # (its critic is the base model plus a new head; the ORZ configs use it). See models/build.py.
     critic_head_init_std: Union[float, Literal["auto"]] = 0.0
@@ -198,6 +217,12 @@ class PPOConfig:
     logprob_chunk: int = 1024
     # Report actor/entropy (costs one extra pass over each logits chunk). Computed anyway when entropy_coef > 0.
     entropy_metric: bool = True
+    # How micro-batch gradients are summed. "add": each micro-batch's gradient is computed whole, then added to the
+    # float32 accumulator (two float32 copies of the gradient live at once). "in_place": the decoder layers'
+    # backward pass adds each layer's gradient straight into the accumulator (orz_jax/models/layer_scan.py), so
+    # the stacked layers' gradient exists once (7B on v5p-32: 1.63 GiB less per device). The same sums in the same
+    # order; needs model.remat: full (it recomputes every layer in the backward pass) and float32 parameters.
+    grad_accumulation: Literal["add", "in_place"] = "add"
 
 
 @dataclass
@@ -552,6 +577,8 @@ def validate(cfg: Config) -> None:
     if m.attention_impl == "splash":
         _check(splash_blocks(splash_tiles(m), cfg.ppo.pack_len) is not None, "ppo.pack_len",
                splash_blocks_problem(splash_tiles(m), cfg.ppo.pack_len, "ppo.pack_len"))
+    _check(m.mlp_chunk >= 0, "model.mlp_chunk", f"must be >= 0 (positions per MLP backward chunk; 0: whole rows), "
+           f"got {m.mlp_chunk}")
     _check(m.critic_head_init_std == "auto" or m.critic_head_init_std >= 0, "model.critic_head_init_std",
            f"must be >= 0 or 'auto' (1 / (hidden_size + 1), as ORZ), got {m.critic_head_init_std}")
     _check(m.init_from_run is None or bool(m.init_from_run), "model.init_from_run",
@@ -605,6 +632,15 @@ def validate(cfg: Config) -> None:
     _check(p.critic_steps_per_batch >= 0, "ppo.critic_steps_per_batch", "must be >= 0")
     _check(p.micro_batch_rows >= 1, "ppo.micro_batch_rows", "must be >= 1")
     _check(p.logprob_chunk >= 1, "ppo.logprob_chunk", "must be >= 1 (positions per LM-head chunk)")
+    if p.grad_accumulation == "in_place":
+        _check(m.remat == "full", "ppo.grad_accumulation",
+               f"'in_place' recomputes every layer in the backward pass: it needs model.remat: full, got {m.remat!r}")
+        _check(m.param_dtype == "float32", "ppo.grad_accumulation",
+               f"'in_place' adds into the float32 accumulator through the parameters' own gradient: it needs "
+               f"model.param_dtype: float32, got {m.param_dtype!r}")
+    _check(not m.remat_offload or p.grad_accumulation == "in_place", "model.remat_offload",
+           "the saved layer inputs go to the host in the in-place layer scan: it needs ppo.grad_accumulation: "
+           f"in_place, got {p.grad_accumulation!r}")
     _check(p.pack_len >= r.max_prompt_len + r.max_response_len, "ppo.pack_len",
            f"must hold one whole sample: >= rollout.max_prompt_len + rollout.max_response_len "
            f"= {r.max_prompt_len + r.max_response_len}, got {p.pack_len}")

@@ -175,7 +175,9 @@ def parse_hlo(text: str) -> dict[str, Computation]:
             if m:
                 cur = Computation(m.group(2), [], {}, None, bool(m.group(1)))
             continue
-        if line.strip() == "}":
+        # a computation ends at "}", or "}, execution_thread=..." for one run on another thread (v5p's SparseCore
+        # takes some embedding gathers / scatters)
+        if line.strip() == "}" or line.strip().startswith("}, execution_thread="):
             comps[cur.name] = cur
             cur = None
             continue

@@ -32,6 +32,9 @@ LOGICAL_RULES: dict[str, Any] = {
     # activations
     "batch": ("data", "fsdp"),
     "seq": None,
+    # the residual stream between sublayers under model.sequence_parallel (Megatron SP): split along seq over
+    # tensor, so the per-layer activations remat keeps are 1/tensor per device
+    "act_seq": "tensor",
     "cache_seq": None,
     "slots": ("data", "fsdp"),
     # parameters

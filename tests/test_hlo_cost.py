@@ -356,3 +356,24 @@ def test_in_place_scatter_counts_the_rows_it_writes_not_the_buffer():
     upd_bytes, buf_bytes = n * width * 4, rows * width * 4
     assert 2 * upd_bytes <= hc.bytes_accessed <= 4 * upd_bytes + 4 * n  # indices + updates read, rows written
     assert hc.bytes_accessed < buf_bytes / 100
+
+
+def test_computation_on_another_execution_thread_does_not_hide_the_rest():
+    """v5p's compiler puts some embedding scatters on the SparseCore: such a computation ends in
+    ``}, execution_thread="sparsecore"``, and every computation after it (the ENTRY included) must still parse."""
+    from orz_jax.hlo_cost import analyze_hlo
+
+    text = """HloModule m
+
+%sc (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}, execution_thread="sparsecore"
+
+ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  ROOT %d = f32[4,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+    assert analyze_hlo(text).flops == 2 * 4 * 8 * 2

@@ -99,7 +99,9 @@ def hf_config_from_arch(arch: ArchConfig, dtype: str = "float32") -> dict:
 
 def model_kwargs(model_cfg: ModelConfig) -> dict:
     return dict(dtype=DTYPES[model_cfg.dtype], param_dtype=DTYPES[model_cfg.param_dtype], remat=model_cfg.remat,
-                attention_block=model_cfg.attention_block, attention=AttentionSpec.from_config(model_cfg))
+                sequence_parallel=model_cfg.sequence_parallel, mlp_chunk=model_cfg.mlp_chunk,
+                remat_offload=model_cfg.remat_offload, attention_block=model_cfg.attention_block,
+                attention=AttentionSpec.from_config(model_cfg))
 
 
 def critic_head_std(model_cfg: ModelConfig, arch: ArchConfig) -> float:

@@ -27,6 +27,8 @@ from orz_jax.config import DEFAULT_ATTENTION_BLOCK, ArchConfig
 from orz_jax.models.attention import AttentionSpec, cudnn_attention, interpreting, splash_attention
 from orz_jax.models.decode_attention import ragged_decode_attention
 from orz_jax.models.gpu_decode_attention import gpu_decode_attention
+from orz_jax.models.layer_scan import scan_layers_accumulating
+from orz_jax.models.mlp import swiglu_chunked
 from orz_jax.sharding import constrain, kv_fold_shards
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -308,18 +310,18 @@ def _causal_blocked_attention(qh, kh, vh, mask, block: int, dtype):
 
 
 class MLP(nnx.Module):
-    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, stack: int = 0, rngs: nnx.Rngs):
+    def __init__(self, arch: ArchConfig, *, param_dtype, dtype, stack: int = 0, chunk: int = 0, rngs: nnx.Rngs):
         e, m, std = arch.hidden_size, arch.intermediate_size, arch.initializer_range
         self.gate = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype, stack)
         self.up = _param(rngs, (e, m), ("embed", "mlp"), std, param_dtype, stack)
         self.down = _param(rngs, (m, e), ("mlp", "embed"), std, param_dtype, stack)
         self.dtype = dtype
+        self.chunk = chunk  # model.mlp_chunk: positions per backward chunk (orz_jax/models/mlp.py), 0: whole rows
 
     def __call__(self, x):
-        gate = x @ self.gate.value.astype(self.dtype)  # [batch, seq, mlp]
-        up = x @ self.up.value.astype(self.dtype)
-        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-        return h @ self.down.value.astype(self.dtype)
+        """x: [batch, seq, embed] -> [batch, seq, embed]."""
+        w = [p.value.astype(self.dtype) for p in (self.gate, self.up, self.down)]
+        return swiglu_chunked(x, *w, chunk=self.chunk)
 
 
 class Block(nnx.Module):
@@ -327,18 +329,32 @@ class Block(nnx.Module):
     leading ``layers`` axis; :class:`Transformer` runs it under ``lax.scan`` with one slice per step."""
 
     def __init__(self, arch: ArchConfig, *, param_dtype, dtype, attention_block: int, stack: int = 0,
-                 attention: AttentionSpec = AttentionSpec(), rngs: nnx.Rngs):
+                 attention: AttentionSpec = AttentionSpec(), sequence_parallel: bool = False, mlp_chunk: int = 0,
+                 rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, stack=stack)
+        self.sequence_parallel = sequence_parallel
         self.attn_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.attn = Attention(arch, rngs=rngs, block=attention_block, attention=attention, **kw)
         self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
-        self.mlp = MLP(arch, rngs=rngs, **kw)
+        self.mlp = MLP(arch, rngs=rngs, chunk=mlp_chunk, **kw)
 
     def __call__(self, x, positions, segment_ids, inv_freq, layer, cache):
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq, layer, cache)
-        x = constrain(x + h, ("batch", "seq", "act_embed"))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "seq", "act_embed"))
+        resid = residual_axes(self.sequence_parallel, cache is None)
+        # under sequence parallelism each sublayer's normalised input is gathered along seq (after the token-wise
+        # norm ran on this device's part of the row) and its output goes back to this device's part by the resid
+        # constraint (XLA all-reduces it, then keeps the part: not the reduce-scatter Megatron uses)
+        gather = (lambda t: constrain(t, ("batch", "seq", "act_embed"))) if resid[1] == "act_seq" else (lambda t: t)
+        h, cache = self.attn(gather(self.attn_norm(x)), positions, segment_ids, inv_freq, layer, cache)
+        x = constrain(x + h, resid)
+        x = constrain(x + self.mlp(gather(self.mlp_norm(x))), resid)
         return x, cache
+
+
+def residual_axes(sequence_parallel: bool, full_rows: bool) -> tuple:
+    """Logical axes of the residual stream [batch, seq, embed]: seq on ``act_seq`` (split over tensor) under
+    ``model.sequence_parallel`` on the full-row path, else replicated along seq. The KV-cache path (prefill,
+    decode) never splits it."""
+    return ("batch", "act_seq" if sequence_parallel and full_rows else "seq", "act_embed")
 
 
 _REMAT_POLICIES = {
@@ -352,6 +368,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
+                 sequence_parallel: bool = False, mlp_chunk: int = 0, remat_offload: bool = False,
                  rngs: nnx.Rngs):
         self.arch = arch
         self.embed = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), arch.initializer_range,
@@ -359,19 +376,24 @@ class Transformer(nnx.Module):
         # All blocks in one module, parameters stacked over a leading "layers" axis ([layers, embed, ...]):
         # the trunk is one lax.scan, so compile time and program size do not grow with depth.
         self.layers = Block(arch, param_dtype=param_dtype, dtype=dtype, attention_block=attention_block,
-                            stack=arch.num_layers, attention=attention, rngs=rngs)
+                            stack=arch.num_layers, attention=attention, sequence_parallel=sequence_parallel,
+                            mlp_chunk=mlp_chunk, rngs=rngs)
+        self.sequence_parallel, self.remat_offload = sequence_parallel, remat_offload
         self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.dtype, self.remat = dtype, remat
 
-    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None,
+    def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None, grad_acc=None,
                  layer_params: Optional[Sequence[nnx.State]] = None):
         """tokens, positions, segment_ids: [batch, seq] int32 -> (hidden [batch, seq, embed], cache).
 
+        ``grad_acc`` (full rows, ``remat: full`` only): a float32 pytree like ``nnx.split(self.layers)[1]``; the
+        gradient of the layers' parameters then comes back as ``grad_acc`` + the gradient, added in place by the
+        backward pass (``orz_jax.models.layer_scan``, ``ppo.grad_accumulation: in_place``).
         ``layer_params``: the blocks' parameters as one state per layer (the rollout engine's ``per_layer``
         serving layout, ``rollout.serving_layers``), run by an unrolled loop instead of the scan over the stacked
         ``self.layers`` (whose arrays are then not read)."""
         x = jnp.take(self.embed.value, tokens, axis=0).astype(self.dtype)  # [batch, seq, embed]
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        x = constrain(x, residual_axes(self.sequence_parallel, cache is None))
         inv_freq = rope_inv_freq(self.arch)
         graphdef, stacked = nnx.split(self.layers)  # leaves [layers, ...]
 
@@ -379,28 +401,39 @@ class Transformer(nnx.Module):
             """One block: params are its slices of the stacked state, i its int32 [] index."""
             return nnx.merge(graphdef, params)(x, positions, segment_ids, inv_freq, i, cache)
 
-        if self.remat != "none":
-            # per layer: the backward pass recomputes one block's activations from its saved input
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-
-        def body(carry, xs):
-            x, cache = carry
-            x, cache = layer(x, cache, *xs)
-            return (x, cache), None
-
-        if layer_params is not None:
-            # One array per layer, read in place: on XLA:CPU a dynamic slice of a stacked weight is a copy.
-            if len(layer_params) != self.arch.num_layers:
-                raise ValueError(f"layer_params has {len(layer_params)} layers, the model {self.arch.num_layers}")
-            for i, params in enumerate(layer_params):
-                x, cache = layer(x, cache, params, jnp.int32(i))
+        if grad_acc is not None:
+            if cache is not None or self.remat != "full":
+                raise ValueError("Transformer: grad_acc needs full rows (no cache) and model.remat: full "
+                                 f"(got remat {self.remat!r})")
+            x = scan_layers_accumulating(lambda x, p, i: layer(x, None, p, i)[0], x, stacked, grad_acc,
+                                         residual_axes(self.sequence_parallel, True), offload=self.remat_offload)
         else:
-            # the cache rides in the carry (updated in place), not in xs / ys (a new stacked copy per step)
-            (x, cache), _ = jax.lax.scan(body, (x, cache),
-                                         (stacked, jnp.arange(self.arch.num_layers, dtype=jnp.int32)))
+            if self.remat != "none":
+                # per layer: the backward pass recomputes one block's activations from its saved input
+                layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+
+            def body(carry, xs):
+                x, cache = carry
+                x, cache = layer(x, cache, *xs)
+                return (x, cache), None
+
+            if layer_params is not None:
+                # One array per layer, read in place: on XLA:CPU a dynamic slice of a stacked weight is a copy.
+                if len(layer_params) != self.arch.num_layers:
+                    raise ValueError(f"layer_params has {len(layer_params)} layers, the model "
+                                     f"{self.arch.num_layers}")
+                for i, params in enumerate(layer_params):
+                    x, cache = layer(x, cache, params, jnp.int32(i))
+            else:
+                # the cache rides in the carry (updated in place), not in xs / ys (a new stacked copy per step)
+                (x, cache), _ = jax.lax.scan(body, (x, cache),
+                                             (stacked, jnp.arange(self.arch.num_layers, dtype=jnp.int32)))
         if cache is not None:
             cache = cache.replace(lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32))
-        return self.final_norm(x), cache
+        h = self.final_norm(x)
+        if self.sequence_parallel and cache is None:
+            h = constrain(h, ("batch", "seq", "act_embed"))  # whole rows again: the heads' chunks run along seq
+        return h, cache
 
 
 class CausalLM(nnx.Module):
@@ -408,9 +441,12 @@ class CausalLM(nnx.Module):
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
+                 sequence_parallel: bool = False, mlp_chunk: int = 0, remat_offload: bool = False,
                  rngs: nnx.Rngs):
         self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                       attention_block=attention_block, attention=attention, rngs=rngs)
+                                       attention_block=attention_block, attention=attention,
+                                       sequence_parallel=sequence_parallel, mlp_chunk=mlp_chunk,
+                                       remat_offload=remat_offload, rngs=rngs)
         if not arch.tie_word_embeddings:
             self.lm_head = _param(rngs, (arch.hidden_size, arch.vocab_size), ("embed", "vocab"),
                                   arch.initializer_range, param_dtype)
@@ -427,22 +463,26 @@ class CausalLM(nnx.Module):
     def __call__(self, tokens, positions, segment_ids, cache: Optional[KVCache] = None,
                  layer_params: Optional[Sequence[nnx.State]] = None):
         """-> (logits [batch, seq, vocab] float32, cache). ``layer_params``: see ``Transformer.__call__``."""
-        h, cache = self.transformer(tokens, positions, segment_ids, cache, layer_params)
+        h, cache = self.transformer(tokens, positions, segment_ids, cache, layer_params=layer_params)
         logits = jnp.einsum("bse,ev->bsv", h, self.head_weight().astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab")), cache
 
-    def token_logprobs(self, tokens, positions, segment_ids, *, chunk: int, with_entropy: bool = False):
+    def token_logprobs(self, tokens, positions, segment_ids, *, chunk: int, with_entropy: bool = False,
+                       grad_acc=None):
         """Token-aligned log-probs (and entropies) of ``tokens`` without materialising the logits.
 
         tokens, positions, segment_ids: [batch, seq] int32 -> (logprobs [batch, seq] float32,
         entropy [batch, seq] float32 or None), as ``orz_jax.ppo.losses.token_logprobs(self(...)[0], tokens)``
-        but with the LM head applied ``chunk`` positions at a time (see ``chunked_token_logprobs``)."""
+        but with the LM head applied ``chunk`` positions at a time (see ``chunked_token_logprobs``).
+        ``grad_acc``: see :meth:`Transformer.__call__`."""
         from orz_jax.ppo.losses import chunked_token_logprobs  # lazy: importing orz_jax.ppo loads the trainer stack
 
-        h, _ = self.transformer(tokens, positions, segment_ids)
+        h, _ = self.transformer(tokens, positions, segment_ids, grad_acc=grad_acc)
         head = self.transformer.embed.value if self.tied else self.lm_head.value  # as stored: no transposed copy
+        head_axes = ("vocab", "embed") if self.tied else ("embed", "vocab")  # as stored
         return chunked_token_logprobs(h, head, tokens, chunk=chunk, with_entropy=with_entropy, vocab_major=self.tied,
-                                      constrain_logits=lambda x: constrain(x, ("batch", "seq", "act_vocab")))
+                                      constrain_logits=lambda x: constrain(x, ("batch", "seq", "act_vocab")),
+                                      constrain_head=lambda w: constrain(w, head_axes))
 
 
 class Critic(nnx.Module):
@@ -450,18 +490,22 @@ class Critic(nnx.Module):
 
     def __init__(self, arch: ArchConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  attention_block: int = DEFAULT_ATTENTION_BLOCK, attention: AttentionSpec = AttentionSpec(),
-                 head_init_std: float = 0.0, rngs: nnx.Rngs):
+                 head_init_std: float = 0.0, sequence_parallel: bool = False, mlp_chunk: int = 0,
+                 remat_offload: bool = False, rngs: nnx.Rngs):
         self.transformer = Transformer(arch, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                       attention_block=attention_block, attention=attention, rngs=rngs)
+                                       attention_block=attention_block, attention=attention,
+                                       sequence_parallel=sequence_parallel, mlp_chunk=mlp_chunk,
+                                       remat_offload=remat_offload, rngs=rngs)
         self.value_head = _param(rngs, (arch.hidden_size, 1), ("embed", "value"), head_init_std, param_dtype)
 
     @property
     def arch(self) -> ArchConfig:
         return self.transformer.arch
 
-    def __call__(self, tokens, positions, segment_ids):
-        """-> values [batch, seq] float32 (value of the state *after* reading token i)."""
-        h, _ = self.transformer(tokens, positions, segment_ids)
+    def __call__(self, tokens, positions, segment_ids, grad_acc=None):
+        """-> values [batch, seq] float32 (value of the state *after* reading token i). ``grad_acc``: see
+        :meth:`Transformer.__call__`."""
+        h, _ = self.transformer(tokens, positions, segment_ids, grad_acc=grad_acc)
         return jnp.einsum("bse,eo->bso", h.astype(jnp.float32), self.value_head.value.astype(jnp.float32))[..., 0]
 
 

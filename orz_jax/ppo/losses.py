@@ -57,7 +57,8 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, with_entropy: bool = Fa
 
 def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, *, chunk: int,
                            with_entropy: bool = False, constrain_logits: Optional[Callable] = None,
-                           vocab_major: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
+                           vocab_major: bool = False, constrain_head: Optional[Callable] = None
+                           ) -> tuple[jax.Array, Optional[jax.Array]]:
     """:func:`token_logprobs` of the logits ``hidden @ head`` without ever holding ``[b, s, vocab]``.
 
     A ``lax.scan`` over sequence chunks of ``chunk`` positions applies the LM head inside the chunk,
@@ -74,6 +75,9 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array
       chunk: positions per chunk (the last one is padded); >= s computes one chunk.
       with_entropy: also return the token-aligned entropies.
       constrain_logits: optional sharding constraint applied to each chunk's [b, chunk, vocab] logits.
+      constrain_head: optional sharding constraint applied to ``head`` (its stored layout) inside each chunk,
+        before the cast to ``hidden.dtype``: the head's gradient then reaches that layout in float32 in every
+        chunk and is summed over the chunks there (the sum of float32 casts of each chunk's gradient, as before).
     Returns:
       logprobs [b, s] float32 and entropy [b, s] float32 or None, aligned as :func:`token_logprobs`.
     """
@@ -87,10 +91,9 @@ def chunked_token_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array
         nxt = jnp.pad(nxt, ((0, 0), (0, pad)))
     hs = hidden.reshape(b, n, c, hidden.shape[-1]).swapaxes(0, 1)  # [n, b, c, embed]
     ns = nxt.reshape(b, n, c).swapaxes(0, 1)  # [n, b, c]
-    w = head.astype(hidden.dtype)
-
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one(h, nx):
+        w = (head if constrain_head is None else constrain_head(head)).astype(hidden.dtype)
         logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w,
                             preferred_element_type=jnp.float32)  # [b, c, vocab]
         if constrain_logits is not None:

@@ -197,21 +197,24 @@ def required_row_multiple(cfg: PPOConfig, mesh: Optional[Mesh] = None) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def actor_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig):
-    """PPO policy loss of one micro-batch ``mb`` ([micro_rows, pack_len] fields) -> (loss, metrics)."""
+def actor_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig, layer_grad_acc=None):
+    """PPO policy loss of one micro-batch ``mb`` ([micro_rows, pack_len] fields) -> (loss, metrics).
+    ``layer_grad_acc``: see :func:`accumulate_gradients` (``ppo.grad_accumulation: in_place``)."""
     model = nnx.merge(graphdef, params, rest)
     # chunked LM head: no [micro_rows, pack_len, vocab] logits in the forward or the backward pass
     logp, ent = model.token_logprobs(mb.tokens, mb.positions, mb.segment_ids, chunk=cfg.logprob_chunk,
-                                     with_entropy=cfg.entropy_metric or cfg.entropy_coef > 0)  # [micro_rows, pack_len]
+                                     with_entropy=cfg.entropy_metric or cfg.entropy_coef > 0,
+                                     grad_acc=layer_grad_acc)  # [micro_rows, pack_len]
     return policy_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, denom, clip_eps=cfg.clip_eps,
                        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy=ent,
                        entropy_coef=cfg.entropy_coef)
 
 
-def critic_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig):
-    """Value loss of one micro-batch -> (loss, metrics)."""
+def critic_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig, layer_grad_acc=None):
+    """Value loss of one micro-batch -> (loss, metrics). ``layer_grad_acc``: see :func:`accumulate_gradients`."""
     model = nnx.merge(graphdef, params, rest)
-    values = shift_right(model(mb.tokens, mb.positions, mb.segment_ids))  # [micro_rows, pack_len], V(s_t)
+    values = shift_right(model(mb.tokens, mb.positions, mb.segment_ids,
+                               grad_acc=layer_grad_acc))  # [micro_rows, pack_len], V(s_t)
     return value_loss(values, mb.old_values, mb.returns, mb.loss_mask, denom, value_clip=cfg.value_clip)
 
 
@@ -224,19 +227,36 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
+def _is_layer_path(path) -> bool:
+    """Whether a parameter path lies in the stacked decoder blocks (``transformer/layers/...``)."""
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path[:2]]
+    return keys == ["transformer", "layers"]
+
+
 def accumulate_gradients(loss_fn, params, rest, graphdef, minibatch: PackedBatch, n_micro: int,
                          mesh: Optional[Mesh], cfg: PPOConfig):
     """Sum of gradients and metrics over ``n_micro`` micro-batches of ``minibatch`` (lax.scan), each
-    loss normalised by the mini-batch's valid-token count. Returns (grads f32, metrics)."""
+    loss normalised by the mini-batch's valid-token count. Returns (grads f32, metrics).
+
+    ``cfg.grad_accumulation == "in_place"``: the accumulator's ``transformer/layers`` part goes into the loss
+    (``layer_grad_acc``), and the layers' backward pass returns it with this micro-batch's gradient already added
+    (``orz_jax.models.layer_scan``): that part of the gradient is taken as the new accumulator, not added again.
+    Every other leaf (embedding, heads, final norm) is added as usual."""
     denom = jnp.maximum(jnp.sum(minibatch.loss_mask), 1.0)
     micro = jax.tree.map(lambda x: split_rows(x, n_micro, mesh), minibatch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    in_place = cfg.grad_accumulation == "in_place"
 
     def body(carry, mb):
         g_acc, m_acc = carry
-        (_, metrics), g = grad_fn(params, rest, graphdef, mb, denom, cfg)
+        seed = g_acc["transformer"]["layers"] if in_place else None
+        (_, metrics), g = grad_fn(params, rest, graphdef, mb, denom, cfg, seed)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
-        return (_tree_add(g_acc, g), _tree_add(m_acc, metrics)), None
+        if in_place:  # the layers' leaves of g already are g_acc + this micro-batch's gradient
+            g_acc = jax.tree_util.tree_map_with_path(lambda p, a, b: b if _is_layer_path(p) else a + b, g_acc, g)
+        else:
+            g_acc = _tree_add(g_acc, g)
+        return (g_acc, _tree_add(m_acc, metrics)), None
 
     g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     m_shape = jax.eval_shape(lambda: grad_fn(params, rest, graphdef, jax.tree.map(lambda x: x[0], micro), denom,
