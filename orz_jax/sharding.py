@@ -104,7 +104,8 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], rules: Optional[dict]
     return PartitionSpec(*out)
 
 
-def _axis_size(mesh: Mesh, target: Any) -> int:
+def axis_size(mesh: Mesh, target: Any) -> int:
+    """Devices along ``target``: a mesh axis name, a tuple of them, or None (1)."""
     if target is None:
         return 1
     names = (target,) if isinstance(target, str) else target
@@ -120,7 +121,7 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]], shape: Opt
         if len(shape) != len(spec):
             raise ValueError(f"{name}: shape {tuple(shape)} has {len(shape)} dims but logical axes {tuple(logical_axes)}")
         for dim, (size, target, logical) in enumerate(zip(shape, spec, logical_axes)):
-            k = _axis_size(mesh, target)
+            k = axis_size(mesh, target)
             if size % k != 0:
                 raise ConfigError(
                     f"mesh: {name} dimension {dim} ('{logical}', size {size}) does not divide over mesh axis "
@@ -179,7 +180,7 @@ def kv_fold_shards(kv_heads: int) -> int:
     mesh = current_mesh()
     if mesh is None:
         return 1
-    n = _axis_size(mesh, logical_to_spec(("kv_fold",))[0])
+    n = axis_size(mesh, logical_to_spec(("kv_fold",))[0])
     return n if kv_heads % n == 0 else 1
 
 
@@ -189,5 +190,5 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
         return x
     spec = logical_to_spec(logical_axes)
     # Drop mesh axes that do not divide this dim (e.g. a batch of 1 during prefill).
-    fixed = [t if x.shape[i] % _axis_size(mesh, t) == 0 else None for i, t in enumerate(spec)]
+    fixed = [t if x.shape[i] % axis_size(mesh, t) == 0 else None for i, t in enumerate(spec)]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fixed)))

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from orz_jax.config import DECODE_BLOCK_KV, SPLASH_BLOCK, ModelConfig, resolve_attention_impl, \
     resolve_decode_attention_impl, splash_blocks, splash_blocks_problem, splash_tiles
-from orz_jax.sharding import LOGICAL_RULES, current_mesh, logical_to_spec
+from orz_jax.sharding import LOGICAL_RULES, axis_size, current_mesh, logical_to_spec
 
 # Process-wide, not per thread: JetStream's orchestrator traces the decode step in its own threads, and a test
 # that enters pallas_interpret() must reach those traces too.
@@ -119,14 +119,10 @@ def _specs(mesh: Mesh, b: int, kv_heads: int):
     if LOGICAL_RULES.get("seq") is not None:
         raise ValueError("splash attention: the rules table shards 'seq'; the kernel needs whole rows per device")
 
-    def size(target):
-        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        return math.prod(mesh.shape[a] for a in names)
-
     batch = logical_to_spec(("batch",))[0]
     heads = logical_to_spec(("act_kv_heads",))[0]
-    batch = batch if b % size(batch) == 0 else None
-    heads = heads if kv_heads % size(heads) == 0 else None
+    batch = batch if b % axis_size(mesh, batch) == 0 else None
+    heads = heads if kv_heads % axis_size(mesh, heads) == 0 else None
     q = PartitionSpec(batch, heads, None, None)
     return q, q, PartitionSpec(batch, None)
 

@@ -47,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, PartitionSpec
 
-from orz_jax.sharding import current_mesh, logical_to_spec
+from orz_jax.sharding import axis_size, current_mesh, logical_to_spec
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, as the XLA path's: no inf - inf in the rescale
 _LANES = 128  # the running max / sum are kept lane-replicated ([rows, 128]), the TPU's native f32 tile
@@ -182,11 +182,6 @@ def ragged_decode_call(q, k_cache, v_cache, lengths, layer, *, read_len: int, bl
     return out
 
 
-def _size(mesh: Mesh, target) -> int:
-    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    return math.prod(mesh.shape[a] for a in names)
-
-
 def ragged_decode_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                             layer: jax.Array, *, read_len: int, block_kv: int, shards: int,
                             mesh: Optional[Mesh] = None, interpret: bool = False) -> jax.Array:
@@ -220,7 +215,7 @@ def ragged_decode_attention(qg: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
         # the engine's cache layout (rules table), so the cache is read where it lives; a mesh axis that does not
         # divide its dim is dropped, as sharding.constrain does
         slot_axes = logical_to_spec(("slots",))[0]
-        slot_axes = slot_axes if b % _size(mesh, slot_axes) == 0 else None
+        slot_axes = slot_axes if b % axis_size(mesh, slot_axes) == 0 else None
         fold_axis = logical_to_spec(("kv_fold",))[0] if shards > 1 else None
         q_spec = PartitionSpec(slot_axes, fold_axis, None, None)
         kv_spec = PartitionSpec(None, slot_axes, None, fold_axis)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from orz_jax.sharding import current_mesh, logical_to_spec
+from orz_jax.sharding import axis_size, current_mesh, logical_to_spec
 
 _MIN_ROWS = 16  # Triton's dot needs tiles of at least 16 x 16
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) is 0 without inf - inf = nan
@@ -150,12 +150,8 @@ def gpu_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     slots_ax = logical_to_spec(("slots",))[0]
     heads_ax = logical_to_spec(("kv_fold",))[0]
 
-    def size(target):
-        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        return math.prod(mesh.shape[a] for a in names)
-
-    slots_ax = slots_ax if q.shape[0] % size(slots_ax) == 0 else None
-    heads_ax = heads_ax if q.shape[1] % size(heads_ax) == 0 else None
+    slots_ax = slots_ax if q.shape[0] % axis_size(mesh, slots_ax) == 0 else None
+    heads_ax = heads_ax if q.shape[1] % axis_size(mesh, heads_ax) == 0 else None
     q_spec = PartitionSpec(slots_ax, heads_ax, None, None)
     cache_spec = PartitionSpec(None, slots_ax, None, heads_ax)
     return jax.shard_map(functools.partial(_local, **kw), mesh=mesh,
