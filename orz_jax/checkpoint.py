@@ -19,13 +19,37 @@ import jax
 import orbax.checkpoint as ocp
 
 from orz_jax.config import CheckpointConfig
+from orz_jax.models.layer_layout import has_per_layer, per_layer_like, stack_abstract, stacked_tree
 
 log = logging.getLogger(__name__)
 
 
 def _arrays(state) -> dict:
-    """The array part of a ``TrainState`` (graphdef is static and rebuilt from the config)."""
+    """The array part of a ``TrainState`` (graphdef is static and rebuilt from the config), in the layout the run
+    trains in (``ppo.train_layers``)."""
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rest": state.rest}
+
+
+def _stacked(tree: Any) -> Any:
+    """What a checkpoint holds: ``tree`` with per-layer parameters and moments stacked, so that a checkpoint does not
+    depend on the layout the run trained in (``ppo.train_layers``: a CPU run resumes on a TPU and back)."""
+    return stacked_tree(tree) if has_per_layer(tree) else tree
+
+
+def _target(tree: Any) -> Any:
+    """The restore target for ``tree`` (arrays in the run's layout): its stacked form as ShapeDtypeStructs placed
+    like ``tree``'s arrays."""
+    sds = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                       if isinstance(x, jax.Array) else x, tree)
+    return stacked_tree(sds, stack_abstract) if has_per_layer(sds) else sds
+
+
+def _in_layout_of(template: Any, restored: Any) -> Any:
+    """``restored`` (stacked, from a checkpoint) in the layout and shardings of ``template`` (the run's arrays)."""
+    if not has_per_layer(template):
+        return restored
+    out = per_layer_like(template, restored)
+    return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else x, out, template)
 
 
 class _DropDiskFullTracebacks(logging.Filter):
@@ -62,39 +86,35 @@ class Checkpointer:
     def save(self, step: int, actor, critic, data_state: dict, meta: dict) -> None:
         """Queue a save of the whole training state at ``step`` (asynchronous when configured).
         ``critic`` is None when the run has none (GRPO)."""
-        items = dict(actor=ocp.args.StandardSave(_arrays(actor)), data=ocp.args.JsonSave(data_state),
+        items = dict(actor=ocp.args.StandardSave(_stacked(_arrays(actor))), data=ocp.args.JsonSave(data_state),
                      meta=ocp.args.JsonSave(meta))
         if critic is not None:
-            items["critic"] = ocp.args.StandardSave(_arrays(critic))
+            items["critic"] = ocp.args.StandardSave(_stacked(_arrays(critic)))
         self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, actor, critic) -> tuple[Any, Any, dict, dict]:
-        """Restore ``step`` into the structure, shapes and shardings of the given train states."""
-        def target(state):
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                                if isinstance(x, jax.Array) else x, _arrays(state))
-
-        items = dict(actor=ocp.args.StandardRestore(target(actor)), data=ocp.args.JsonRestore(),
+        """Restore ``step`` into the structure, shapes, shardings and layer layout of the given train states."""
+        items = dict(actor=ocp.args.StandardRestore(_target(_arrays(actor))), data=ocp.args.JsonRestore(),
                      meta=ocp.args.JsonRestore())
         if critic is not None:  # None: a run without a critic (GRPO)
-            items["critic"] = ocp.args.StandardRestore(target(critic))
+            items["critic"] = ocp.args.StandardRestore(_target(_arrays(critic)))
         out = self._mgr.restore(step, args=ocp.args.Composite(**items))
-        a = out["actor"]
-        actor = actor.replace(params=a["params"], opt_state=a["opt_state"], step=a["step"], rest=a["rest"])
+
+        def into(state, restored):
+            r = _in_layout_of(_arrays(state), restored)
+            return state.replace(params=r["params"], opt_state=r["opt_state"], step=r["step"], rest=r["rest"])
+
+        actor = into(actor, out["actor"])
         if critic is not None:
-            c = out["critic"]
-            critic = critic.replace(params=c["params"], opt_state=c["opt_state"], step=c["step"], rest=c["rest"])
+            critic = into(critic, out["critic"])
         return actor, critic, dict(out["data"]), dict(out["meta"])
 
     def restore_params(self, step: int, actor, critic) -> tuple[Any, Any, dict]:
         """Only the parameters of ``step`` (no optimizer state is read, so no memory is spent on it), in
-        the structure, shapes and shardings of the given train states: (actor params, critic params, meta)."""
-        def target(state):
-            return {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                           state.params)}
-
+        the structure, shapes, shardings and layer layout of the given train states: (actor params, critic params,
+        meta)."""
         def args(state):
-            t = target(state)
+            t = {"params": _target(state.params)}
             return ocp.args.PyTreeRestore(item=t, restore_args=ocp.checkpoint_utils.construct_restore_args(t),
                                           partial_restore=True)
 
@@ -102,7 +122,9 @@ class Checkpointer:
         if critic is not None:  # None: a run without a critic (GRPO) takes the policy only
             items["critic"] = args(critic)
         out = self._mgr.restore(step, args=ocp.args.Composite(**items))
-        return out["actor"]["params"], out["critic"]["params"] if critic is not None else None, dict(out["meta"])
+        actor_params = _in_layout_of(actor.params, out["actor"]["params"])
+        critic_params = _in_layout_of(critic.params, out["critic"]["params"]) if critic is not None else None
+        return actor_params, critic_params, dict(out["meta"])
 
     def restore_newest(self, actor, critic) -> Iterator[tuple[int, Any, Any, dict, dict]]:
         """Yield restored states ``(step, actor, critic, data_state, meta)`` newest first. A step that does not

@@ -223,6 +223,17 @@ class PPOConfig:
     # the stacked layers' gradient exists once (7B on v5p-32: 1.63 GiB less per device). The same sums in the same
     # order; needs model.remat: full (it recomputes every layer in the backward pass) and float32 parameters.
     grad_accumulation: Literal["add", "in_place"] = "add"
+    # How the actor's and critic's train states hold the decoder layers. "stacked": [layers, ...] arrays, run by the
+    # layer scan. "per_layer": one array per layer (parameters and optimizer moments), run by an unrolled layer loop
+    # (compile time grows with depth). XLA:CPU copies a layer's slice of a stacked weight out of the stack before its
+    # matmul, in every micro-batch's forward and backward pass: with short micro-batches that copy cost more than
+    # the matmuls (Qwen2.5-0.5B, 24-token rows: the CPU e2e bench iteration 1.20x slower than with the per-layer
+    # modules before issue 14, docs/bench), and splitting the stack once per step still paid a copy per program.
+    # Checkpoints, exports and TrainState.module() hold the stacked layout in both cases, so a run can resume on
+    # another platform. "auto": per_layer on CPU, stacked on TPU (its compiler reads the slice in place) and GPU (a
+    # slice copy is small next to a real micro-batch's matmuls), and stacked with grad_accumulation: in_place
+    # (which scans the stacked layers).
+    train_layers: Literal["auto", "stacked", "per_layer"] = "auto"
 
 
 @dataclass
@@ -638,6 +649,11 @@ def validate(cfg: Config) -> None:
         _check(m.param_dtype == "float32", "ppo.grad_accumulation",
                f"'in_place' adds into the float32 accumulator through the parameters' own gradient: it needs "
                f"model.param_dtype: float32, got {m.param_dtype!r}")
+    _check(p.train_layers in ("auto", "stacked", "per_layer"), "ppo.train_layers",
+           f"must be one of ('auto', 'stacked', 'per_layer'), got {p.train_layers!r}")
+    _check(not (p.train_layers == "per_layer" and p.grad_accumulation == "in_place"), "ppo.train_layers",
+           "'per_layer' cannot run with ppo.grad_accumulation: in_place (the in-place sum scans the stacked layers); "
+           "use 'auto' or 'stacked'")
     _check(not m.remat_offload or p.grad_accumulation == "in_place", "model.remat_offload",
            "the saved layer inputs go to the host in the in-place layer scan: it needs ppo.grad_accumulation: "
            f"in_place, got {p.grad_accumulation!r}")
@@ -836,6 +852,18 @@ def resolve_serving_layers(layout: str, platform: str) -> str:
     _check(layout in ("auto", "stacked", "per_layer"), "rollout.serving_layers",
            f"must be one of ('auto', 'stacked', 'per_layer'), got {layout!r}")
     return ("stacked" if platform == "tpu" else "per_layer") if layout == "auto" else layout
+
+
+def resolve_train_layers(layout: str, platform: str, grad_accumulation: str = "add") -> str:
+    """The train states' layer layout (``ppo.train_layers``) for devices of ``platform``: ``auto`` -> ``per_layer``
+    on a CPU unless ``grad_accumulation`` is ``in_place``, else ``stacked`` (see PPOConfig)."""
+    _check(layout in ("auto", "stacked", "per_layer"), "ppo.train_layers",
+           f"must be one of ('auto', 'stacked', 'per_layer'), got {layout!r}")
+    _check(not (layout == "per_layer" and grad_accumulation == "in_place"), "ppo.train_layers",
+           "'per_layer' cannot run with ppo.grad_accumulation: in_place; use 'auto' or 'stacked'")
+    if layout != "auto":
+        return layout
+    return "per_layer" if platform == "cpu" and grad_accumulation != "in_place" else "stacked"
 
 
 def resolve_decode_attention_impl(impl: str, platform: str, interpret: Optional[str] = None) -> str:

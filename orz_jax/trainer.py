@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
-from orz_jax.config import Config, ConfigError, check_against_mesh, check_attention, dump_yaml
+from orz_jax.config import Config, ConfigError, check_against_mesh, check_attention, dump_yaml, resolve_train_layers
 from orz_jax.data.download import missing_data_message
 from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
@@ -212,8 +212,9 @@ class Trainer:
         if self.tokenizer.vocab_size > self.arch.vocab_size:
             raise StartupError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                                f"{self.arch.vocab_size}")
-        self.actor = create_train_state(policy, cfg.ppo.actor, self.mesh)
-        self.critic = create_train_state(critic, cfg.ppo.critic, self.mesh) if critic is not None else None
+        layers = resolve_train_layers(cfg.ppo.train_layers, mesh_platform(self.mesh), cfg.ppo.grad_accumulation)
+        self.actor = create_train_state(policy, cfg.ppo.actor, self.mesh, layers)
+        self.critic = create_train_state(critic, cfg.ppo.critic, self.mesh, layers) if critic is not None else None
         self.fns = PPOFunctions.build(cfg.ppo, self.mesh, self.actor, self.critic)
         self.row_multiple = required_row_multiple(cfg.ppo, self.mesh)
         # Several processes: each serves its own prompts from its own devices (see orz_jax.multihost).

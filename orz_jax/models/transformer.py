@@ -468,16 +468,16 @@ class CausalLM(nnx.Module):
         return constrain(logits, ("batch", "seq", "act_vocab")), cache
 
     def token_logprobs(self, tokens, positions, segment_ids, *, chunk: int, with_entropy: bool = False,
-                       grad_acc=None):
+                       grad_acc=None, layer_params: Optional[Sequence[nnx.State]] = None):
         """Token-aligned log-probs (and entropies) of ``tokens`` without materialising the logits.
 
         tokens, positions, segment_ids: [batch, seq] int32 -> (logprobs [batch, seq] float32,
         entropy [batch, seq] float32 or None), as ``orz_jax.ppo.losses.token_logprobs(self(...)[0], tokens)``
         but with the LM head applied ``chunk`` positions at a time (see ``chunked_token_logprobs``).
-        ``grad_acc``: see :meth:`Transformer.__call__`."""
+        ``grad_acc``, ``layer_params``: see :meth:`Transformer.__call__`."""
         from orz_jax.ppo.losses import chunked_token_logprobs  # lazy: importing orz_jax.ppo loads the trainer stack
 
-        h, _ = self.transformer(tokens, positions, segment_ids, grad_acc=grad_acc)
+        h, _ = self.transformer(tokens, positions, segment_ids, grad_acc=grad_acc, layer_params=layer_params)
         head = self.transformer.embed.value if self.tied else self.lm_head.value  # as stored: no transposed copy
         head_axes = ("vocab", "embed") if self.tied else ("embed", "vocab")  # as stored
         return chunked_token_logprobs(h, head, tokens, chunk=chunk, with_entropy=with_entropy, vocab_major=self.tied,
@@ -502,10 +502,11 @@ class Critic(nnx.Module):
     def arch(self) -> ArchConfig:
         return self.transformer.arch
 
-    def __call__(self, tokens, positions, segment_ids, grad_acc=None):
-        """-> values [batch, seq] float32 (value of the state *after* reading token i). ``grad_acc``: see
-        :meth:`Transformer.__call__`."""
-        h, _ = self.transformer(tokens, positions, segment_ids, grad_acc=grad_acc)
+    def __call__(self, tokens, positions, segment_ids, grad_acc=None,
+                 layer_params: Optional[Sequence[nnx.State]] = None):
+        """-> values [batch, seq] float32 (value of the state *after* reading token i). ``grad_acc``,
+        ``layer_params``: see :meth:`Transformer.__call__`."""
+        h, _ = self.transformer(tokens, positions, segment_ids, grad_acc=grad_acc, layer_params=layer_params)
         return jnp.einsum("bse,eo->bso", h.astype(jnp.float32), self.value_head.value.astype(jnp.float32))[..., 0]
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from orz_jax.config import OptimConfig, PPOConfig
+from orz_jax.models.layer_layout import PerLayerParams, merge_model, split_layers
 from orz_jax.ppo.advantages import compute_advantages
 from orz_jax.ppo.losses import finalize_metrics, policy_loss, shift_right, value_loss
 from orz_jax.ppo.packing import PackedBatch, pack_response, unpack_response
@@ -44,16 +45,21 @@ BATCH_AXES = ("batch", None)  # logical axes of every [rows, pack_len] field
 @flax.struct.dataclass
 class TrainState:
     """Model parameters + optimizer state as one pytree. ``graphdef`` is static (part of the jit
-    cache key); ``rest`` holds non-``nnx.Param`` model state, carried along but never optimised."""
+    cache key); ``rest`` holds non-``nnx.Param`` model state, carried along but never optimised.
+
+    ``params`` holds the decoder layers stacked (``ppo.train_layers: stacked``) or one state per layer
+    (``per_layer``: a :class:`~orz_jax.models.layer_layout.PerLayerParams`, and the optimizer moments likewise);
+    :meth:`module`, checkpoints and exports see the stacked layout either way."""
 
     graphdef: Any = flax.struct.field(pytree_node=False)
-    params: Any  # nnx.State of nnx.Param
+    params: Any  # nnx.State of nnx.Param, or PerLayerParams of them
     opt_state: Any  # optax state; mirrors params (keeps their sharding metadata)
     step: jax.Array  # int32 [], optimizer steps taken
     rest: Any  # nnx.State, usually empty
 
     def module(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params, self.rest)
+        """The model (stacked layers: per-layer parameters are stacked into new arrays)."""
+        return merge_model(self.graphdef, self.params, self.rest)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,35 +112,44 @@ def batch_shardings(mesh: Mesh) -> PackedBatch:
     return PackedBatch(*([s] * len(dataclasses.fields(PackedBatch))))
 
 
-def _state_init(model: nnx.Module, o: OptimConfig):
-    """(init(params, rest) -> TrainState, params, rest) for ``model``: shared by the real and abstract states."""
+def _state_init(model: nnx.Module, o: OptimConfig, layers: str = "stacked"):
+    """(init(params, rest) -> TrainState, params, rest) for ``model``: shared by the real and abstract states.
+    ``layers``: the resolved ``ppo.train_layers`` ("stacked" or "per_layer")."""
+    if layers not in ("stacked", "per_layer"):
+        raise ValueError(f"train state layers must be 'stacked' or 'per_layer' (resolve ppo.train_layers with "
+                         f"config.resolve_train_layers), got {layers!r}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(o)
 
     def init(params, rest):
         # explicit copies: the steps donate the state, and the caller's module must not lose its arrays
         params, rest = jax.tree.map(jnp.copy, (params, rest))
+        if layers == "per_layer":  # split once here, so no step ever copies a layer out of a stack
+            params = split_layers(params)
         return TrainState(graphdef=graphdef, params=params, opt_state=tx.init(params),
                           step=jnp.zeros((), jnp.int32), rest=rest)
 
     return init, params, rest
 
 
-def abstract_train_state(model: nnx.Module, o: OptimConfig) -> TrainState:
+def abstract_train_state(model: nnx.Module, o: OptimConfig, layers: str = "stacked") -> TrainState:
     """The TrainState :func:`create_train_state` builds for ``model`` (a concrete or ``nnx.eval_shape``
     module), with ShapeDtypeStruct leaves: no device memory (ahead-of-time compiles, ``orz_jax.compile``).
     Its shardings are :func:`train_state_shardings` of it."""
-    init, params, rest = _state_init(model, o)
+    init, params, rest = _state_init(model, o, layers)
     return jax.eval_shape(init, params, rest)
 
 
-def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None) -> TrainState:
+def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None,
+                       layers: str = "stacked") -> TrainState:
     """Split ``model`` into a TrainState and initialise the optimizer; with a mesh, every leaf is
     placed by :func:`train_state_shardings` (the optimizer state is created sharded, never whole).
+    ``layers``: how the state holds the decoder layers, "stacked" or "per_layer" (``ppo.train_layers`` resolved by
+    ``config.resolve_train_layers``; see :class:`TrainState`).
 
     The state holds fresh copies of the parameters (the jitted init writes new buffers), so ``model``
     stays usable after the steps donate the state."""
-    init, params, rest = _state_init(model, o)
+    init, params, rest = _state_init(model, o, layers)
     if mesh is None:
         return jax.jit(init)(params, rest)
     shardings = train_state_shardings(mesh, jax.eval_shape(init, params, rest))
@@ -199,22 +214,23 @@ def required_row_multiple(cfg: PPOConfig, mesh: Optional[Mesh] = None) -> int:
 
 def actor_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig, layer_grad_acc=None):
     """PPO policy loss of one micro-batch ``mb`` ([micro_rows, pack_len] fields) -> (loss, metrics).
+    ``params``: the model's nnx.State, or a :class:`PerLayerParams` view of it (``ppo.train_layers: per_layer``).
     ``layer_grad_acc``: see :func:`accumulate_gradients` (``ppo.grad_accumulation: in_place``)."""
-    model = nnx.merge(graphdef, params, rest)
+    model, layers = merge_model(graphdef, params, rest)
     # chunked LM head: no [micro_rows, pack_len, vocab] logits in the forward or the backward pass
     logp, ent = model.token_logprobs(mb.tokens, mb.positions, mb.segment_ids, chunk=cfg.logprob_chunk,
                                      with_entropy=cfg.entropy_metric or cfg.entropy_coef > 0,
-                                     grad_acc=layer_grad_acc)  # [micro_rows, pack_len]
+                                     grad_acc=layer_grad_acc, layer_params=layers)  # [micro_rows, pack_len]
     return policy_loss(logp, mb.old_logprobs, mb.advantages, mb.loss_mask, denom, clip_eps=cfg.clip_eps,
                        kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy=ent,
                        entropy_coef=cfg.entropy_coef)
 
 
 def critic_loss(params, rest, graphdef, mb: PackedBatch, denom: jax.Array, cfg: PPOConfig, layer_grad_acc=None):
-    """Value loss of one micro-batch -> (loss, metrics). ``layer_grad_acc``: see :func:`accumulate_gradients`."""
-    model = nnx.merge(graphdef, params, rest)
-    values = shift_right(model(mb.tokens, mb.positions, mb.segment_ids,
-                               grad_acc=layer_grad_acc))  # [micro_rows, pack_len], V(s_t)
+    """Value loss of one micro-batch -> (loss, metrics). ``params``, ``layer_grad_acc``: see :func:`actor_loss`."""
+    model, layers = merge_model(graphdef, params, rest)
+    values = shift_right(model(mb.tokens, mb.positions, mb.segment_ids, grad_acc=layer_grad_acc,
+                               layer_params=layers))  # [micro_rows, pack_len], V(s_t)
     return value_loss(values, mb.old_values, mb.returns, mb.loss_mask, denom, value_clip=cfg.value_clip)
 
 
@@ -236,7 +252,8 @@ def _is_layer_path(path) -> bool:
 def accumulate_gradients(loss_fn, params, rest, graphdef, minibatch: PackedBatch, n_micro: int,
                          mesh: Optional[Mesh], cfg: PPOConfig):
     """Sum of gradients and metrics over ``n_micro`` micro-batches of ``minibatch`` (lax.scan), each
-    loss normalised by the mini-batch's valid-token count. Returns (grads f32, metrics).
+    loss normalised by the mini-batch's valid-token count. Returns (grads f32, metrics), ``grads`` in the structure
+    of ``params`` (an nnx.State, or a :class:`PerLayerParams` view: then one gradient per layer).
 
     ``cfg.grad_accumulation == "in_place"``: the accumulator's ``transformer/layers`` part goes into the loss
     (``layer_grad_acc``), and the layers' backward pass returns it with this micro-batch's gradient already added
@@ -246,6 +263,9 @@ def accumulate_gradients(loss_fn, params, rest, graphdef, minibatch: PackedBatch
     micro = jax.tree.map(lambda x: split_rows(x, n_micro, mesh), minibatch)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     in_place = cfg.grad_accumulation == "in_place"
+    if in_place and isinstance(params, PerLayerParams):
+        raise ValueError("accumulate_gradients: ppo.grad_accumulation: in_place needs the stacked layers, "
+                         "got a PerLayerParams view (ppo.train_layers: per_layer)")
 
     def body(carry, mb):
         g_acc, m_acc = carry
@@ -317,8 +337,9 @@ def _loss_key(metrics: dict, what: str) -> str:
 
 
 def _packed_forward(state: TrainState, batch: PackedBatch, fn, micro_rows: int, mesh: Optional[Mesh]) -> jax.Array:
-    """Run ``fn(model, micro_batch) -> [micro_rows, pack_len]`` over the buffer in micro-batches
-    (bounded activation memory, one compiled body) and reassemble [rows, pack_len]."""
+    """Run ``fn(model, layer_params, micro_batch) -> [micro_rows, pack_len]`` over the buffer in micro-batches
+    (bounded activation memory, one compiled body) and reassemble [rows, pack_len]. ``layer_params``: the state's
+    per-layer parameters, or None when it holds them stacked."""
     rows = batch.tokens.shape[0]
     micro = min(micro_rows, rows)
     if rows % micro:
@@ -329,7 +350,7 @@ def _packed_forward(state: TrainState, batch: PackedBatch, fn, micro_rows: int, 
         # loop body: merged from the outer trace's arrays, an nnx.remat layer (model.remat != "none")
         # refuses to update it (flax TraceContextError), which broke every ORZ config here.
         params, rest = carry
-        return carry, fn(nnx.merge(state.graphdef, params, rest), mb)
+        return carry, fn(*merge_model(state.graphdef, params, rest), mb)
 
     with use_mesh(mesh):
         xs = jax.tree.map(lambda x: split_rows(x, parts, mesh), batch)
@@ -337,13 +358,13 @@ def _packed_forward(state: TrainState, batch: PackedBatch, fn, micro_rows: int, 
     return merge_rows(ys)
 
 
-def logprobs_fn(model, mb: PackedBatch, chunk: int) -> jax.Array:
-    logp, _ = model.token_logprobs(mb.tokens, mb.positions, mb.segment_ids, chunk=chunk)
+def logprobs_fn(model, layer_params, mb: PackedBatch, chunk: int) -> jax.Array:
+    logp, _ = model.token_logprobs(mb.tokens, mb.positions, mb.segment_ids, chunk=chunk, layer_params=layer_params)
     return logp * mb.loss_mask
 
 
-def values_fn(model, mb: PackedBatch) -> jax.Array:
-    return shift_right(model(mb.tokens, mb.positions, mb.segment_ids)) * mb.loss_mask
+def values_fn(model, layer_params, mb: PackedBatch) -> jax.Array:
+    return shift_right(model(mb.tokens, mb.positions, mb.segment_ids, layer_params=layer_params)) * mb.loss_mask
 
 
 def _prepare(actor: TrainState, critic: Optional[TrainState], batch: PackedBatch, response_index: jax.Array,

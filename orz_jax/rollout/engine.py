@@ -29,7 +29,7 @@ training weights and gathers none of them over the mesh. :meth:`RolloutEngine.up
 one jitted cast-and-reshard from the layout it receives, donating the old copy's buffers (refreshed in place,
 compiled once; the engine's first placement runs the same program on a blank copy, so the first refresh compiles
 nothing). Layers: stacked ``[layers, ...]`` arrays for the layer scan (TPU), or one array per layer
-(``PerLayerParams``, CPU / GPU: XLA there copies a layer's slice of a stacked weight before its matmul, see
+(``orz_jax.models.layer_layout.PerLayerParams``, CPU / GPU: XLA there copies a layer's slice of a stacked weight before its matmul, see
 ``RolloutConfig.serving_layers``). Numbers: the trainer's forward casts every parameter to ``dtype`` before using it
 (norm scales and biases included; the embedding rows after the lookup, which commutes with the cast), so casting
 them ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orz_jax.config import RolloutConfig, resolve_serving_layers
 from orz_jax.models.attention import mesh_platform
 from orz_jax.models.transformer import KVCache
+from orz_jax.models.layer_layout import PerLayerParams, merge_model, split_layers, stack_layers
 from orz_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from orz_jax.rollout.sampling import SamplingParams, sample_tokens
 from orz_jax.sharding import MESH_AXES, SERVING_RULES, named_sharding, state_shardings, use_mesh
@@ -74,15 +75,6 @@ class Prefix:
 
     cache: KVCache  # k, v: [layers, 1, B, kv_heads * head_dim]; lengths [1] = L - 1
     next_token: jax.Array  # [1] int32: the last prompt token, the first decode input
-
-
-@flax.struct.dataclass
-class PerLayerParams:
-    """The serving copy in the ``per_layer`` layout (``rollout.serving_layers``): the decoder layers as one
-    state per layer (leaves without the leading ``layers`` axis), everything else as in the policy's state."""
-
-    trunk: Any  # nnx.State: embeddings, final norm, LM head
-    layers: tuple  # num_layers x nnx.State of one Block
 
 
 @flax.struct.dataclass
@@ -275,13 +267,7 @@ class RolloutEngine(engine_api.Engine):
 
     def _model(self, params):
         """-> (policy module, per-layer states or None), for ``module(..., layer_params=that)``."""
-        if isinstance(params, PerLayerParams):
-            # The module still needs its stacked layers to merge; the stack is never read (the forward loops over
-            # params.layers), so XLA removes it.
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers)
-            return nnx.merge(self._graphdef, nnx.merge_state(params.trunk, {"transformer": {"layers": stacked}})), \
-                params.layers
-        return nnx.merge(self._graphdef, params), None
+        return merge_model(self._graphdef, params)
 
     def _init_impl(self) -> DecodeState:
         s, n = self.slots, self.max_new_tokens
@@ -487,7 +473,10 @@ class RolloutEngine(engine_api.Engine):
         engine was built from; a mismatch raises ValueError naming the parameter.
         """
         new = _as_state(new_params)
-        old_leaves, old_def = jax.tree_util.tree_flatten_with_path(self._source_avals)
+        source = self._source_avals
+        if isinstance(new, PerLayerParams):  # a per_layer train state's parameters (ppo.train_layers)
+            source = split_layers(source, self.arch.num_layers, lambda a, i: jax.ShapeDtypeStruct(a.shape[1:], a.dtype))
+        old_leaves, old_def = jax.tree_util.tree_flatten_with_path(source)
         new_leaves, new_def = jax.tree_util.tree_flatten_with_path(new)
         if old_def != new_def:
             raise ValueError(f"update_params: parameter tree differs from the served policy's "
@@ -507,14 +496,15 @@ class RolloutEngine(engine_api.Engine):
         return treedef.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
                                   for a, s in zip(leaves, jax.tree.leaves(self._param_shardings))])
 
-    def _to_layout(self, tree: Any, take: Any) -> Any:
-        """``tree`` (the policy state's structure: arrays, host arrays or shardings) in the serving layer layout.
-        ``take(leaf, i)``: layer i's part of a stacked leaf."""
+    def _to_layout(self, tree: Any, take: Any, stack: Any = lambda *xs: jnp.stack(xs)) -> Any:
+        """``tree`` (the policy state's structure, stacked or :class:`PerLayerParams`: arrays, host arrays or
+        shardings) in the serving layer layout. ``take(leaf, i)``: layer i's part of a stacked leaf; ``stack``:
+        a stacked leaf from the layers' leaves."""
+        if isinstance(tree, PerLayerParams):
+            return tree if self.layer_layout == "per_layer" else stack_layers(tree, stack)
         if self.layer_layout == "stacked":
             return tree
-        layers, trunk = nnx.split_state(tree, nnx.PathContains("layers"), ...)
-        return PerLayerParams(trunk=trunk, layers=tuple(jax.tree.map(lambda x: take(x, i), layers)
-                                                        for i in range(self.arch.num_layers)))
+        return split_layers(tree, self.arch.num_layers, take)
 
     def _serving_dtype(self, dtype) -> np.dtype:
         # floating leaves in the compute dtype; integer leaves (none in CausalLM today) as they are
@@ -527,8 +517,8 @@ class RolloutEngine(engine_api.Engine):
                                lambda x, i: x[i])
 
     def _is_serving_layout(self, params: Any) -> bool:
-        if self.layer_layout != "stacked":
-            return False  # the trainer's state is stacked: the per-layer copy is always a copy
+        if isinstance(params, PerLayerParams) != (self.layer_layout == "per_layer"):
+            return False  # a layout change is always a copy
         leaves, shardings = jax.tree.leaves(params), jax.tree.leaves(self._param_shardings)
         return all(isinstance(x, jax.Array) and x.dtype == self._serving_dtype(x.dtype)
                    and x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, shardings))
@@ -544,7 +534,10 @@ class RolloutEngine(engine_api.Engine):
             if any(x.sharding.device_set != serving_devices for x in jax.tree.leaves(new)):
                 # other devices than the serving mesh's (a caller's engine on a sub-mesh): one program cannot
                 # span both, so move first (in the received dtype), then cast on the serving devices
-                new = jax.device_put(new, self._stacked_shardings)
+                shardings = self._stacked_shardings
+                if isinstance(new, PerLayerParams):
+                    shardings = split_layers(shardings, self.arch.num_layers, _slice_sharding)
+                new = jax.device_put(new, shardings)
             self.params = self._refresh_jit(new, self.params if self._owns_copy else self._blank_jit())
             self._owns_copy = True
         else:
@@ -552,7 +545,7 @@ class RolloutEngine(engine_api.Engine):
             # to nearest even, as XLA's convert does) and place the serving dtype only, after freeing the old
             # copy: the device never holds the float32 policy or two copies.
             host = jax.tree.map(lambda x: np.asarray(x).astype(self._serving_dtype(np.asarray(x).dtype)), new)
-            host = self._to_layout(host, lambda x, i: x[i])
+            host = self._to_layout(host, lambda x, i: x[i], lambda *xs: np.stack(xs))
             if self._owns_copy:
                 for x in jax.tree.leaves(self.params):
                     x.delete()
