@@ -162,12 +162,16 @@ def row_part(x: jax.Array, parts: int, p: jax.Array, mesh: Optional[Mesh]) -> ja
     p, p + parts, ... (``p`` an int32 [] that may be traced).
 
     Why: on TPU ``split_rows``'s [parts, rows // parts, L] has another tiled layout than the [rows, L] it comes
-    from, so scanning over it copies each batch field whole for the length of the loop (7B actor step on
-    v5p-32: five [2052, 1, 16384] copies, 0.63 GiB per device). Here ``x`` is only viewed as
-    [rows // parts, parts, ...] (row shards whole along the leading axis: a bitcast) and one part is sliced.
+    from, so scanning over it copied each batch field whole for the length of the loop (7B on v5p-32: the actor's
+    micro-batches, five [2052, 1, 16384] copies, 0.63 GiB per device; the critic's 12 mini-batches, 1 GiB more).
+    Here ``x`` is only viewed as [rows // parts, parts, ...] and one part is sliced, inside the loop: the slice
+    reads the view in place (a bitcast when rows // parts is the number of row shards), so only the part is new.
     """
-    y = jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), p, axis=1,
-                                     keepdims=False)
+    if parts == 1:  # the whole array: no [rows, 1, ...] view (its size-1 axis would be tiled differently too)
+        y = x
+    else:
+        y = jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), p, axis=1,
+                                         keepdims=False)
     if mesh is not None and mesh.size > 1:
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, logical_to_spec(BATCH_AXES)))
     return y
@@ -289,10 +293,10 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
     tx, schedule = make_optimizer(o), lr_schedule(o)
     rows = batch.tokens.shape[0]
     n_micro = _check_rows(rows, steps, cfg.micro_batch_rows, mesh, what)
-    minibatches = jax.tree.map(lambda x: split_rows(x, steps, mesh), batch)  # [steps, rows/steps, L]
 
-    def opt_step(carry, mb):
+    def opt_step(carry, k):
         params, opt_state, step = carry
+        mb = jax.tree.map(lambda x: row_part(x, steps, k, mesh), batch)  # [rows/steps, L]: split_rows(...)[k]
         grads, metrics = accumulate_gradients(loss_fn, params, state.rest, state.graphdef, mb, n_micro, mesh, cfg)
         metrics = dict(metrics)
         metrics[f"{what}/grad_norm"] = optax.global_norm(grads)  # before clipping
@@ -316,7 +320,7 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
 
     with use_mesh(mesh):
         (params, opt_state, step), metrics = jax.lax.scan(
-            opt_step, (state.params, state.opt_state, state.step), minibatches)
+            opt_step, (state.params, state.opt_state, state.step), jnp.arange(steps, dtype=jnp.int32))
     flags = {k: jnp.max(metrics.pop(k)) for k in (f"{what}/nonfinite", f"{what}/nonfinite_params")}  # any step
     metrics = finalize_metrics(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
     metrics.update(flags)
