@@ -225,7 +225,10 @@ def test_long_row_actor_step_temporaries_drop_on_v5p(tmp_path):
     # per device: each layer's saved input [8192, 512] bf16 (8 MiB, 4 layers) is split 4 ways: 24 MiB less from
     # that alone (measured with libtpu 0.0.42.1: 164.4 -> 138.7 MiB without the offload, 139.6 MiB with it: at
     # 2 MiB per layer the host copies save nothing here; on 7B they do, docs/tpu/README.md). Without sequence
-    # parallelism (the saved inputs whole on every device) the drop is not there.
-    assert new["temp"] <= old["temp"] - 20 * 2**20, (old["temp"] / 2**20, new["temp"] / 2**20)
+    # parallelism (the saved inputs whole on every device) the drop is not there. Since the in-place layer scan
+    # keeps each layer's bf16 cast per layer (layer_scan._loop_variant), the bf16 copy of the stacked weights
+    # that XLA used to hoist (4 layers x 4.2M parameters x 2 bytes / 4 tensor devices = 8 MiB) is gone too:
+    # 163.6 -> 130.0 MiB (a 33.6 MiB drop; 24.8 MiB with the hoisted copy).
+    assert new["temp"] <= old["temp"] - 30 * 2**20, (old["temp"] / 2**20, new["temp"] / 2**20)
     # the same work: the chunked MLP backward and the in-place sum add no recomputation
     assert new["flops"] <= 1.02 * old["flops"], (new["flops"], old["flops"])

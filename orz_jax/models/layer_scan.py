@@ -24,6 +24,28 @@ import jax.numpy as jnp
 from orz_jax.sharding import constrain
 
 
+def _loop_variant(params: Any, i: jax.Array) -> Any:
+    """``params`` (one layer's slices) with an integer 0 that depends on the layer index ``i`` added to the bits
+    of every float leaf: the same values, bit for bit.
+
+    Why: the layers cast their float32 weights to the compute dtype inside the scan body; XLA rewrites
+    ``convert(dynamic-slice(w, i))`` as ``dynamic-slice(convert(w), i)`` and hoists the convert of the whole
+    stack out of the layer and micro-batch loops: a compute-dtype copy of every layer's weights for the whole
+    step (7B on v5p-32: 0.8 GiB per device, docs/tpu/README.md). A term XLA cannot prove constant keeps the
+    cast per layer (an ``optimization_barrier`` did not: the TPU pipeline drops it). ``i`` >= 0, so the term is
+    0; it is added to the bits, not the value, because a float ``w * 1`` or ``w + 0`` is not exact everywhere
+    (XLA:CPU flushes subnormals, ``-0.0 + 0`` is ``+0.0``).
+    """
+    def one(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        bits = jnp.dtype(f"int{8 * a.dtype.itemsize}")
+        zero = jnp.minimum(i, 0).astype(bits)  # [] == 0
+        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(a, bits) + zero, a.dtype)
+
+    return jax.tree.map(one, params)
+
+
 def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_acc: Any,
                              saved_axes: Sequence, offload: bool = False) -> jax.Array:
     """The layer scan ``x -> layer(... layer(x, stacked[0], 0) ..., stacked[n-1], n-1)`` whose gradient with
@@ -48,7 +70,7 @@ def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_a
             params, i = xs
             x = constrain(x, saved_axes)
             saved = jax.device_put(x, jax.memory.Space.Host) if keep and offload else x
-            return layer(x, params, i), (saved if keep else None)
+            return layer(x, _loop_variant(params, i), i), (saved if keep else None)
 
         return jax.lax.scan(body, x, (stacked, idx))  # (output, inputs [layers, batch, seq, embed] or None)
 
@@ -65,7 +87,7 @@ def scan_layers_accumulating(layer: Callable, x: jax.Array, stacked: Any, grad_a
 
         def body(carry, i):
             ct_x, acc = carry
-            params = jax.tree.map(lambda a: a[i], stacked)
+            params = _loop_variant(jax.tree.map(lambda a: a[i], stacked), i)
             # recompute layer i from its saved input and pull the cotangent through it (full remat)
             x_in = jax.device_put(inputs[i], jax.memory.Space.Device) if offload else inputs[i]
             _, vjp = jax.vjp(lambda x, p: layer(x, p, i), x_in, params)
