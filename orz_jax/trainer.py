@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from orz_jax.checkpoint import Checkpointer
-from orz_jax.config import Config, ConfigError, check_against_mesh, check_attention, dump_yaml, resolve_train_layers
+from orz_jax.config import Config, ConfigError, check_against_mesh, check_attention, dump_yaml
 from orz_jax.data.download import missing_data_message
 from orz_jax.data.pass_rates import PassRateLog
 from orz_jax.data.pipeline import build_train_pipeline, load_eval_set
@@ -37,7 +37,7 @@ from orz_jax.models.hub import HubError, hub_snapshot, is_hub_id
 from orz_jax.multihost import gather_rollouts, serving_mesh, serving_model, to_global, to_serving
 from orz_jax.ppo.gap import GapMonitor, sampler_gap
 from orz_jax.ppo.packing import pack_samples
-from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple
+from orz_jax.ppo.train import PPOFunctions, batch_shardings, create_train_state, required_row_multiple, train_layers
 from orz_jax.reward.scorer import RewardScorer, summarize
 from orz_jax.rollout.engine import RolloutEngine
 from orz_jax.rollout.rollouts import RolloutBatch, generate_rollouts
@@ -212,7 +212,7 @@ class Trainer:
         if self.tokenizer.vocab_size > self.arch.vocab_size:
             raise StartupError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                                f"{self.arch.vocab_size}")
-        layers = resolve_train_layers(cfg.ppo.train_layers, mesh_platform(self.mesh), cfg.ppo.grad_accumulation)
+        layers = train_layers(cfg.ppo, self.mesh)  # CPU: one array per layer (see PPOConfig.train_layers)
         self.actor = create_train_state(policy, cfg.ppo.actor, self.mesh, layers)
         self.critic = create_train_state(critic, cfg.ppo.critic, self.mesh, layers) if critic is not None else None
         self.fns = PPOFunctions.build(cfg.ppo, self.mesh, self.actor, self.critic)

@@ -54,7 +54,9 @@ cfg = load_config(None, [
     "reward.num_workers=1", "eval.every=0", "experiment.num_iterations=1", "checkpoint.async_save=false", f"experiment.out_dir={out_dir}/run",
     "experiment.tensorboard=false", "experiment.progress_bar=false"])
 trainer = Trainer(cfg)
-init_actor = multihost_utils.process_allgather(trainer.actor.params, tiled=True)
+# the stacked parameters (TrainState.module()), whatever layout the train state holds (ppo.train_layers)
+stacked = lambda state: nnx.state(state.module(), nnx.Param)
+init_actor = multihost_utils.process_allgather(stacked(trainer.actor), tiled=True)
 
 export = {}
 if mode == "ref":
@@ -103,8 +105,8 @@ else:  # the whole loop: eval, one iteration, orbax checkpoint, HF export (proce
         export = flat(nnx.state(exported, nnx.Param), "export")
     else:
         metrics, export = {}, {}
-actor = multihost_utils.process_allgather(trainer.actor.params, tiled=True)
-critic = multihost_utils.process_allgather(trainer.critic.params, tiled=True)
+actor = multihost_utils.process_allgather(stacked(trainer.actor), tiled=True)
+critic = multihost_utils.process_allgather(stacked(trainer.critic), tiled=True)
 tag = mode if mode == "ref" else f"multi{jax.process_index()}"
 np.savez(f"{out_dir}/{tag}.npz", **flat(actor, "actor"), **flat(critic, "critic"), **flat(init_actor, "init"), **export)
 with open(f"{out_dir}/{tag}.json", "w") as f:

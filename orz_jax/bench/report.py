@@ -177,7 +177,7 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
     from orz_jax.models.build import create_model, param_count
     from orz_jax.models.hf_io import export_hf
     from orz_jax.ppo.packing import pack_samples
-    from orz_jax.ppo.train import PPOFunctions, create_train_state
+    from orz_jax.ppo.train import PPOFunctions, create_train_state, train_layers
     from orz_jax.rollout import RolloutEngine, generate_rollouts
 
     out: dict = {"backend": jax.default_backend(), "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
@@ -260,14 +260,14 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
     actor = critic = None
     for name in ("actor", "critic"):
         if name == "actor":
-            st = actor = create_train_state(policy, ppo.actor)
+            st = actor = create_train_state(policy, ppo.actor, layers=train_layers(ppo))  # the trainer's layout
             del policy
         else:
             if not args.e2e_prompts:
                 actor = None
             gc.collect()
             model = create_model("critic", arch, dataclasses.replace(f32, dtype=args.dtype), seed=args.seed + 1)
-            st = critic = create_train_state(model, ppo.critic)
+            st = critic = create_train_state(model, ppo.critic, layers=train_layers(ppo))
             del model
         gc.collect()
         step = fns.actor_step if name == "actor" else fns.critic_step
@@ -320,7 +320,7 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
             actor, _ = fns.actor_step(actor, packed)
             jax.block_until_ready(actor.step)
             t["actor_update"] = time.perf_counter()
-            engine.update_params(actor.module())
+            engine.update_params(actor.params)  # as the trainer syncs (one process: to_serving is the identity)
             t["weight_sync"] = time.perf_counter()
             if rep:
                 prev = t0
@@ -535,7 +535,7 @@ def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
     from orz_jax.bench.train import make_buffer, matmul_peak, train_flops
     from orz_jax.config import ModelConfig
     from orz_jax.models.build import create_model
-    from orz_jax.ppo.train import PPOFunctions, create_train_state
+    from orz_jax.ppo.train import PPOFunctions, create_train_state, train_layers
 
     ppo = _ppo(args, args.pack_len)
     batch = make_buffer(_train_ns(args, arch, args.pack_len, 1), ppo, np.random.default_rng(args.seed))
@@ -543,7 +543,7 @@ def profile_update(args, arch: ArchConfig, reps: int = 2) -> dict:
     batch = jax.device_put(batch)
     mcfg = ModelConfig(arch=arch, dtype=args.dtype, param_dtype="float32", remat=args.remat,
                        attention_block=args.attention_block)
-    state = create_train_state(create_model("policy", arch, mcfg, seed=args.seed), ppo.actor)
+    state = create_train_state(create_model("policy", arch, mcfg, seed=args.seed), ppo.actor, layers=train_layers(ppo))
     step = PPOFunctions.build(ppo).actor_step
     hlo = step.lower(state, batch).compile().as_text()
     shapes = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+)", hlo, re.M))

@@ -182,13 +182,14 @@ def bench_jax(args, arch: ArchConfig, ppo: PPOConfig, batch) -> dict:
     from flax import nnx
 
     from orz_jax.models.transformer import CausalLM, Critic
-    from orz_jax.ppo.train import PPOFunctions, create_train_state
+    from orz_jax.ppo.train import PPOFunctions, create_train_state, train_layers
 
     dt = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     kw = dict(dtype=dt, param_dtype=jnp.float32, remat=args.remat, attention_block=args.attention_block)
     pol = CausalLM(arch, rngs=nnx.Rngs(args.seed), **kw)
     cri = Critic(arch, head_init_std=0.01, rngs=nnx.Rngs(args.seed + 1), **kw)
-    actor, critic = create_train_state(pol, ppo.actor), create_train_state(cri, ppo.critic)
+    layers = train_layers(ppo)  # the trainer's layout for this platform
+    actor, critic = create_train_state(pol, ppo.actor, layers=layers), create_train_state(cri, ppo.critic, layers=layers)
     fns = PPOFunctions.build(ppo)
     batch = jax.device_put(batch)
     out = {}

@@ -32,7 +32,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from orz_jax.config import OptimConfig, PPOConfig
+from orz_jax.config import OptimConfig, PPOConfig, resolve_train_layers
+from orz_jax.models.attention import mesh_platform
 from orz_jax.models.layer_layout import PerLayerParams, merge_model, split_layers
 from orz_jax.ppo.advantages import compute_advantages
 from orz_jax.ppo.losses import finalize_metrics, policy_loss, shift_right, value_loss
@@ -140,6 +141,12 @@ def abstract_train_state(model: nnx.Module, o: OptimConfig, layers: str = "stack
     return jax.eval_shape(init, params, rest)
 
 
+def train_layers(cfg: PPOConfig, mesh: Optional[Mesh] = None) -> str:
+    """``ppo.train_layers`` resolved for ``mesh``'s platform (none: JAX's default devices): the ``layers`` argument
+    of :func:`create_train_state` ("stacked" or "per_layer")."""
+    return resolve_train_layers(cfg.train_layers, mesh_platform(mesh), cfg.grad_accumulation)
+
+
 def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] = None,
                        layers: str = "stacked") -> TrainState:
     """Split ``model`` into a TrainState and initialise the optimizer; with a mesh, every leaf is
@@ -153,7 +160,9 @@ def create_train_state(model: nnx.Module, o: OptimConfig, mesh: Optional[Mesh] =
     if mesh is None:
         return jax.jit(init)(params, rest)
     shardings = train_state_shardings(mesh, jax.eval_shape(init, params, rest))
-    return jax.jit(init, in_shardings=(shardings.params, shardings.rest), out_shardings=shardings)(params, rest)
+    # the model's parameters come in stacked whatever the state's layout
+    return jax.jit(init, in_shardings=(state_shardings(mesh, params), shardings.rest),
+                   out_shardings=shardings)(params, rest)
 
 
 # ----------------------------------------------------------------------------------------------
