@@ -33,8 +33,9 @@ nothing). Layers: stacked ``[layers, ...]`` arrays for the layer scan (TPU), or 
 ``RolloutConfig.serving_layers``). Numbers: the trainer's forward casts every parameter to ``dtype`` before using it
 (norm scales and biases included; the embedding rows after the lookup, which commutes with the cast), so casting
 them ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
-have the serving dtype and the stacked layout (a float32 model on one device, ``serving_layers: stacked``) the cast
-is the identity and the engine *shares* them instead of holding a second copy: the trainer donates its buffers in
+have the serving dtype and layout (a float32 model on one device: stacked with ``serving_layers: stacked``, or a
+CPU run's per-layer train state, ``ppo.train_layers``, with ``per_layer``) the cast is the identity and the engine
+*shares* them instead of holding a second copy: the trainer donates its buffers in
 each update, which deletes the engine's too, and then any use before the next ``update_params`` fails loudly ("Array
 has been deleted"), it cannot read stale weights; the PPO loop calls ``update_params`` after every update.
 """
