@@ -173,9 +173,10 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
 
     from orz_jax.bench.rollout import _BenchTokenizer, copy_bandwidth
     from orz_jax.bench.train import make_buffer, matmul_peak
-    from orz_jax.config import ModelConfig, RolloutConfig
+    from orz_jax.config import ModelConfig, RolloutConfig, resolve_serving_layers
     from orz_jax.models.build import create_model, param_count
     from orz_jax.models.hf_io import export_hf
+    from orz_jax.models.layer_layout import merge_model, split_layers
     from orz_jax.ppo.packing import pack_samples
     from orz_jax.ppo.train import PPOFunctions, create_train_state, train_layers
     from orz_jax.rollout import RolloutEngine, generate_rollouts
@@ -203,19 +204,25 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
         del policy
         policy = create_model("policy", arch, dataclasses.replace(f32, dtype=args.dtype), seed=args.seed)
 
-    # --- prefill: one forward over [b, prompt_len], all logits, no gradient
+    # --- prefill: one forward over [b, prompt_len], all logits, no gradient, with the layers in the layout the
+    # engine and the trainer hold on this platform (one array per layer on a CPU: rollout.serving_layers and
+    # ppo.train_layers; XLA:CPU would copy each layer's slice of a stacked weight)
     graphdef, state = nnx.split(policy)
+    layout = resolve_serving_layers("auto", jax.devices()[0].platform)
+    prefill_params = split_layers(state) if layout == "per_layer" else state
+    out["prefill_layers"] = layout
 
     @jax.jit
-    def forward(state, tokens):  # tokens [b, prompt_len] -> logits [b, prompt_len, vocab]
+    def forward(params, tokens):  # tokens [b, prompt_len] -> logits [b, prompt_len, vocab]
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return nnx.merge(graphdef, state)(tokens, pos, jnp.ones_like(tokens))[0]
+        model, layer_params = merge_model(graphdef, params)
+        return model(tokens, pos, jnp.ones_like(tokens), layer_params=layer_params)[0]
 
     out["prefill"] = {}
     for b in _ints(args.prefill_sizes):
         tok = jax.device_put(prompts[b])
-        forward(state, tok).block_until_ready()  # compile
-        out["prefill"][str(b)] = st = stats([_timed(lambda: forward(state, tok).block_until_ready())
+        forward(prefill_params, tok).block_until_ready()  # compile
+        out["prefill"][str(b)] = st = stats([_timed(lambda: forward(prefill_params, tok).block_until_ready())
                                            for _ in range(args.reps)])
         print(f"jax prefill b={b}: {st['median_s']:.4f} s", flush=True)
 
@@ -242,7 +249,7 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
             print(f"jax decode {drv} b={b}: {row[drv]['median_s']:.3f} s", flush=True)
         out["decode"][str(b)] = row
         del engine
-    del serving, state, forward
+    del serving, state, prefill_params, forward
     gc.collect()
 
     # --- update: the packed buffer of bench/train (ORZ-like length mix), actor then critic
@@ -331,7 +338,8 @@ def jax_side(args, arch: ArchConfig, hf_dir: str, check_path: str) -> dict:
         out["e2e"] = {k: stats(v) for k, v in phases.items()}
         out["e2e_layout"] = dict(rows=int(packed.tokens.shape[0]), pack_len=pack_len, samples=n,
                                  train_tokens=int(_seg_tokens(packed.segment_ids).sum()))
-        print(f"jax e2e iteration: {out['e2e']['total']['median_s']:.3f} s", flush=True)
+        print(f"jax e2e iteration: {out['e2e']['total']['median_s']:.3f} s ("
+              + ", ".join(f"{k} {v['median_s']:.3f}" for k, v in out["e2e"].items() if k != "total") + ")", flush=True)
         del engine
     del actor, critic
     gc.collect()
