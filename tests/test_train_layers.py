@@ -6,7 +6,6 @@ resumes in the other layout), and the rollout engine takes the per-layer paramet
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -28,7 +27,8 @@ OPT = OptimConfig(lr=1e-3, warmup_steps=0)
 def _buffer(seed=0, n=8, plen=4, rlen=6, pack_len=12):
     rng = np.random.default_rng(seed)
     mask = (np.arange(rlen)[None] < rng.integers(2, rlen + 1, n)[:, None]).astype(np.float32)
-    batch, lay = pack_samples(rng.integers(1, ARCH.vocab_size, (n, plen)).astype(np.int32), rng.integers(1, plen + 1, n),
+    batch, lay = pack_samples(rng.integers(1, ARCH.vocab_size, (n, plen)).astype(np.int32),
+                              rng.integers(1, plen + 1, n),
                               rng.integers(1, ARCH.vocab_size, (n, rlen)).astype(np.int32), mask, pack_len=pack_len,
                               row_multiple=4, seed=seed)
     return batch, lay, mask, rng.integers(0, 2, n).astype(np.float32), np.arange(n) // 2

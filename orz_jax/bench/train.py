@@ -189,7 +189,8 @@ def bench_jax(args, arch: ArchConfig, ppo: PPOConfig, batch) -> dict:
     pol = CausalLM(arch, rngs=nnx.Rngs(args.seed), **kw)
     cri = Critic(arch, head_init_std=0.01, rngs=nnx.Rngs(args.seed + 1), **kw)
     layers = train_layers(ppo)  # the trainer's layout for this platform
-    actor, critic = create_train_state(pol, ppo.actor, layers=layers), create_train_state(cri, ppo.critic, layers=layers)
+    actor = create_train_state(pol, ppo.actor, layers=layers)
+    critic = create_train_state(cri, ppo.critic, layers=layers)
     fns = PPOFunctions.build(ppo)
     batch = jax.device_put(batch)
     out = {}

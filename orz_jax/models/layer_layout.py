@@ -112,7 +112,8 @@ def stacked_tree(tree: Any, stack: Callable[..., Any] = lambda *xs: jnp.stack(xs
 
 
 def per_layer_like(template: Any, tree: Any) -> Any:
-    """Inverse of :func:`stacked_tree`: ``tree`` (stacked) split wherever ``template`` holds a :class:`PerLayerParams`."""
+    """Inverse of :func:`stacked_tree`: ``tree`` (stacked) split wherever ``template`` holds a
+    :class:`PerLayerParams`."""
     leaves, treedef = jax.tree.flatten(template, is_leaf=_is_per_layer)
     parts = treedef.flatten_up_to(tree)
     return treedef.unflatten([split_layers(p, len(t.layers)) if _is_per_layer(t) else p for t, p in zip(leaves, parts)])
