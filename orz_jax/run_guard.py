@@ -2,7 +2,7 @@
 divergence warning for runs that are finite but going nowhere good.
 
 The jitted PPO steps report ``actor/nonfinite`` / ``critic/nonfinite`` (1.0 when the loss, the gradient
-norm, the update norm or the updated parameters' norm of any optimizer step was NaN or Inf); the
+norm or any updated parameter of any optimizer step was NaN or Inf); the
 trainer reads them from the metrics it fetches every iteration anyway, so the guard adds no host sync.
 """
 

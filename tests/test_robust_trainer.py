@@ -373,6 +373,33 @@ def test_jitted_step_flags_nonfinite_updates(states):
     assert not np.isfinite(got[1]["actor/loss"])
 
 
+def test_checked_change_against_float64_and_every_nonfinite_case():
+    from orz_jax.ppo.train import _checked_change
+
+    rng = np.random.default_rng(0)
+    old = {"w": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float32)}
+    step = {"w": rng.normal(size=(3, 5)) * 1e-3, "b": rng.normal(size=(7,)) * 1e-3}
+    new = {k: (old[k] + step[k]).astype(np.float32) for k in old}
+    want = np.sqrt(sum(np.sum((new[k].astype(np.float64) - old[k]) ** 2) for k in old))
+    norm, ok = jax.jit(_checked_change)(old, new)
+    assert bool(ok) and abs(float(norm) - want) <= 1e-6 * want
+
+    def case(w_new, w_old=None):
+        o = dict(old, w=old["w"] if w_old is None else w_old)
+        return tuple(map(float, jax.jit(_checked_change)(o, dict(new, w=w_new))))
+
+    bad = new["w"].copy()
+    for v in (np.nan, np.inf, -np.inf):
+        bad[1, 2] = v
+        assert case(bad)[1] == 0.0, v
+    huge = np.full_like(new["w"], 1e30)  # finite parameters whose squared change overflows: the exact pass says ok
+    norm, ok = case(huge)
+    assert ok == 1.0 and norm == np.inf
+    old_nan = old["w"].copy()
+    old_nan[0, 0] = np.nan  # a non-finite old entry, a finite new one: the new parameters are what is checked
+    assert case(new["w"], old_nan)[1] == 1.0
+
+
 TINY = [
     "demo.steps=30", "demo.warmup_steps=5", "demo.hidden_size=32", "demo.intermediate_size=64", "demo.num_layers=1",
     "data.prompts_per_iter=4", "rollout.n_samples_per_prompt=4", "rollout.max_concurrent_decodes=16",

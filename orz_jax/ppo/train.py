@@ -335,13 +335,12 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
         # one dtype across steps (bf16 params -> bf16 moments; float32 master params are the default)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        # Non-finite guard: one isfinite reduction per parameter (a read of the parameters, negligible next to
-        # a forward + backward) plus the loss and gradient norm; the trainer checks these flags in the metrics
-        # it fetches anyway. Finiteness of the parameters themselves, not of their norm: a norm of finite
-        # 1e20 entries overflows float32.
-        params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-        metrics[f"{what}/update_norm"] = optax.global_norm(updates)
+        new_params = optax.apply_updates(params, updates)
+        # Non-finite guard on the updated parameters, with the loss and gradient norm below; the trainer checks
+        # these flags in the metrics it fetches anyway.
+        update_norm, params_ok = _checked_change(params, new_params)
+        params = new_params
+        metrics[f"{what}/update_norm"] = update_norm
         metrics[f"{what}/nonfinite_params"] = 1.0 - params_ok.astype(jnp.float32)
         metrics[f"{what}/nonfinite"] = 1.0 - (params_ok & jnp.isfinite(metrics[_loss_key(metrics, what)])
                                               & jnp.isfinite(metrics[f"{what}/grad_norm"])).astype(jnp.float32)
@@ -354,6 +353,25 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
     metrics = finalize_metrics(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
     metrics.update(flags)
     return state.replace(params=params, opt_state=opt_state, step=step), metrics
+
+
+def _checked_change(old: Any, new: Any) -> tuple[jax.Array, jax.Array]:
+    """(||new - old||, all of ``new`` finite) for two parameter trees of the same structure, as float32 [] and
+    bool [].
+
+    One fused read of both trees in the common case: a finite sum of squared differences proves every
+    difference finite, hence every entry of ``new`` (and ``old``) finite, since inf - x and NaN - x are not
+    finite. Only when the sum is not finite (a NaN or Inf, or an overflow of the sum: finite entries above
+    ~1e19 square past float32) does a second, exact pass over ``new`` decide. Against a separate ``isfinite``
+    pass plus a norm of the optimizer's updates (which XLA then materialises), a 1 x 128 critic step of the
+    0.5B shape on a 2-core CPU went from 4.15-4.32 s to 3.78-3.93 s; on TPU the step's memory is unchanged.
+    """
+    new_leaves, old_leaves = jax.tree.leaves(new), jax.tree.leaves(old)
+    sq = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+             for a, b in zip(new_leaves, old_leaves))  # []
+    all_finite = lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in new_leaves]))  # noqa: E731
+    params_ok = jax.lax.cond(jnp.isfinite(sq), lambda: jnp.bool_(True), all_finite)
+    return jnp.sqrt(sq), params_ok
 
 
 def _loss_key(metrics: dict, what: str) -> str:
