@@ -335,43 +335,39 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
         # one dtype across steps (bf16 params -> bf16 moments; float32 master params are the default)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # Non-finite guard on the updated parameters, with the loss and gradient norm below; the trainer checks
-        # these flags in the metrics it fetches anyway.
-        update_norm, params_ok = _checked_change(params, new_params)
-        params = new_params
-        metrics[f"{what}/update_norm"] = update_norm
-        metrics[f"{what}/nonfinite_params"] = 1.0 - params_ok.astype(jnp.float32)
-        metrics[f"{what}/nonfinite"] = 1.0 - (params_ok & jnp.isfinite(metrics[_loss_key(metrics, what)])
+        params = optax.apply_updates(params, updates)
+        # non-finite guard, part 1: this step's loss and gradient norm (part 2, the parameters, is below)
+        metrics[f"{what}/nonfinite"] = 1.0 - (jnp.isfinite(metrics[_loss_key(metrics, what)])
                                               & jnp.isfinite(metrics[f"{what}/grad_norm"])).astype(jnp.float32)
         return (params, opt_state, step + 1), metrics
 
     with use_mesh(mesh):
         (params, opt_state, step), metrics = jax.lax.scan(
             opt_step, (state.params, state.opt_state, state.step), jnp.arange(steps, dtype=jnp.int32))
-    flags = {k: jnp.max(metrics.pop(k)) for k in (f"{what}/nonfinite", f"{what}/nonfinite_params")}  # any step
+        # Part 2, the updated parameters, once after the last step: an optimizer step adds its update to the
+        # parameters, and p + u is NaN or Inf whenever p is, so a parameter that went non-finite in any step is
+        # still non-finite now. One read of the parameters per update, outside the loop: inside it, a read of
+        # the new parameters (or of the Adam updates, for a norm) cost 6-10% of a 1 x 128 step of the 0.5B
+        # shape on a 2-core CPU, and XLA copied the old parameters to keep them alive next to the new ones.
+        params_ok = all_finite(params)
+    flags = {f"{what}/nonfinite": jnp.maximum(jnp.max(metrics.pop(f"{what}/nonfinite")),
+                                              1.0 - params_ok.astype(jnp.float32)),  # any step
+             f"{what}/nonfinite_params": 1.0 - params_ok.astype(jnp.float32)}
     metrics = finalize_metrics(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
     metrics.update(flags)
     return state.replace(params=params, opt_state=opt_state, step=step), metrics
 
 
-def _checked_change(old: Any, new: Any) -> tuple[jax.Array, jax.Array]:
-    """(||new - old||, all of ``new`` finite) for two parameter trees of the same structure, as float32 [] and
-    bool [].
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every floating leaf of ``tree`` is finite -> bool [].
 
-    One fused read of both trees in the common case: a finite sum of squared differences proves every
-    difference finite, hence every entry of ``new`` (and ``old``) finite, since inf - x and NaN - x are not
-    finite. Only when the sum is not finite (a NaN or Inf, or an overflow of the sum: finite entries above
-    ~1e19 square past float32) does a second, exact pass over ``new`` decide. Against a separate ``isfinite``
-    pass plus a norm of the optimizer's updates (which XLA then materialises), a 1 x 128 critic step of the
-    0.5B shape on a 2-core CPU went from 4.15-4.32 s to 3.78-3.93 s; on TPU the step's memory is unchanged.
-    """
-    new_leaves, old_leaves = jax.tree.leaves(new), jax.tree.leaves(old)
-    sq = sum(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
-             for a, b in zip(new_leaves, old_leaves))  # []
-    all_finite = lambda: jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in new_leaves]))  # noqa: E731
-    params_ok = jax.lax.cond(jnp.isfinite(sq), lambda: jnp.bool_(True), all_finite)
-    return jnp.sqrt(sq), params_ok
+    As one float sum of ``x * 0`` per leaf (0 for a finite x, NaN for NaN or +-Inf): a plain float reduction,
+    which cannot overflow, unlike a norm (finite 1e20 entries square past float32). A boolean
+    ``all(isfinite(x))`` lowers to an is-finite pass plus a reduce-window on XLA:CPU: ~0.8 s for the 0.5B
+    shape's parameters in a profile on a 2-core CPU."""
+    zero = sum(jnp.sum(a.astype(jnp.float32) * 0) for a in jax.tree.leaves(tree)
+               if jnp.issubdtype(a.dtype, jnp.floating))
+    return jnp.isfinite(zero)
 
 
 def _loss_key(metrics: dict, what: str) -> str:
