@@ -12,9 +12,9 @@ import errno
 import math
 from typing import Optional
 
-# Guarded quantities of each update, in the order the guard reports them (the first non-finite one). Not the
-# update norm: an update of finite 1e20 entries has an infinite float32 norm yet leaves finite parameters,
-# which the in-step ``nonfinite_params`` flag checks directly.
+# Guarded quantities of each update, in the order the guard reports them (the first non-finite one). The
+# parameters are not a norm here: finite 1e20 entries have an infinite float32 norm; the jitted update's
+# ``nonfinite_params`` flag checks them entry by entry.
 GUARDED = ("loss", "value_loss", "grad_norm")
 
 # An actor entropy above this share of its maximum log(vocab) means sampling is close to uniform.
