@@ -112,3 +112,20 @@ def run_aot_script(script: Path, *args, timeout: int = 600) -> subprocess.Comple
                        text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-6000:]
     return p
+
+
+def tiny_tpu_yaml(tensor: int, slots: int) -> str:
+    """A two-layer bfloat16 config for the v5p:2x2x1 ahead-of-time decode tests: ``tensor`` ways of tensor
+    parallelism, ``slots`` concurrent decodes, a 32-token prompt bucket and 2016-token responses."""
+    return f"""\
+model:
+  arch: {{vocab_size: 256, hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2,
+         head_dim: 64}}
+  tokenizer: unused
+  dtype: bfloat16
+mesh: {{data: 1, fsdp: -1, tensor: {tensor}}}
+rollout: {{n_samples_per_prompt: 4, max_prompt_len: 32, max_response_len: 2016, prefill_buckets: [32],
+          max_concurrent_decodes: {slots}, driver: orchestrator, decode_window_block: 256}}
+ppo: {{micro_batch_rows: 4, pack_len: 2048}}
+data: {{prompts_per_iter: 8}}
+"""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_aot_script, run_with_devices
+from conftest import run_aot_script, tiny_tpu_yaml, run_with_devices
 from orz_jax.config import ArchConfig, ConfigError, MeshConfig, ModelConfig, RolloutConfig, check_attention, \
     load_config, resolve_decode_attention_impl
 from orz_jax.models.attention import AttentionSpec, pallas_interpret
@@ -273,17 +273,7 @@ class _FakeMesh:
 # ----------------------------------------------------------------------------------------------
 
 
-TINY_TPU = """\
-model:
-  arch: {vocab_size: 256, hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 64}
-  tokenizer: unused
-  dtype: bfloat16
-mesh: {data: 1, fsdp: -1, tensor: 2}
-rollout: {n_samples_per_prompt: 4, max_prompt_len: 32, max_response_len: 2016, prefill_buckets: [32],
-          max_concurrent_decodes: 64, driver: orchestrator, decode_window_block: 256}
-ppo: {micro_batch_rows: 4, pack_len: 2048}
-data: {prompts_per_iter: 8}
-"""
+TINY_TPU = tiny_tpu_yaml(tensor=2, slots=64)
 
 AOT_SCRIPT = """
 import json, sys

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_aot_script
+from conftest import run_aot_script, tiny_tpu_yaml
 from orz_jax.config import ArchConfig, MeshConfig, ModelConfig, RolloutConfig
 from orz_jax.models.build import create_model
 from orz_jax.models.transformer import KVCache, folded_attention
@@ -164,17 +164,7 @@ def test_window_bound_never_undercounts_a_live_slot(policy, tok):
     assert engine.window_for(1) == 4  # every slot empty, forgotten or released: the smallest window
 
 
-TINY_TPU = """\
-model:
-  arch: {vocab_size: 256, hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2, head_dim: 64}
-  tokenizer: unused
-  dtype: bfloat16
-mesh: {data: 1, fsdp: -1, tensor: 1}
-rollout: {n_samples_per_prompt: 4, max_prompt_len: 32, max_response_len: 2016, prefill_buckets: [32],
-          max_concurrent_decodes: 256, driver: orchestrator, decode_window_block: 256}
-ppo: {micro_batch_rows: 4, pack_len: 2048}
-data: {prompts_per_iter: 8}
-"""
+TINY_TPU = tiny_tpu_yaml(tensor=1, slots=256)
 
 TPU_SCRIPT = """
 import dataclasses, json, sys

@@ -119,6 +119,12 @@ def per_layer_like(template: Any, tree: Any) -> Any:
     return treedef.unflatten([split_layers(p, len(t.layers)) if _is_per_layer(t) else p for t, p in zip(leaves, parts)])
 
 
+def layer_sharding(sharding: NamedSharding, i: int) -> NamedSharding:
+    """The sharding of layer i's slice of a stacked leaf: the leading ``layers`` dim dropped (the ``take`` of
+    :func:`split_layers` for shardings; :func:`stack_abstract` is its inverse)."""
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+
 def stack_abstract(*xs: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     """The ``stack`` of :func:`stacked_tree` for ShapeDtypeStructs with shardings (a restore target): the
     stacked leaf's shape, with the per-layer sharding and the ``layers`` dim unsharded in front."""

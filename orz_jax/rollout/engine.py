@@ -57,7 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orz_jax.config import RolloutConfig, resolve_serving_layers
 from orz_jax.models.attention import mesh_platform
 from orz_jax.models.transformer import KVCache
-from orz_jax.models.layer_layout import PerLayerParams, merge_model, split_layers, stack_layers
+from orz_jax.models.layer_layout import PerLayerParams, layer_sharding, merge_model, split_layers, stack_layers
 from orz_jax.rollout.jetstream_compat import engine_api, tokenizer_api, tokenizer_pb2
 from orz_jax.rollout.sampling import SamplingParams, sample_tokens
 from orz_jax.sharding import MESH_AXES, SERVING_RULES, named_sharding, state_shardings, use_mesh
@@ -181,7 +181,7 @@ class RolloutEngine(engine_api.Engine):
         self.layer_layout = resolve_serving_layers(cfg.serving_layers, mesh_platform(mesh))
         # Serving layout of the parameters: the serving rules (no fsdp) on the serving mesh.
         self._stacked_shardings = state_shardings(mesh, params, SERVING_RULES)  # as the trainer's tree
-        self._param_shardings = self._to_layout(self._stacked_shardings, _slice_sharding)
+        self._param_shardings = self._to_layout(self._stacked_shardings, layer_sharding)
         # What update_params must receive: the trainer's shapes and dtypes (the served copy's dtypes differ).
         self._source_avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         # cast-and-reshard: the old copy donated, its buffers reused for the new one, so the copy never exists
@@ -537,7 +537,7 @@ class RolloutEngine(engine_api.Engine):
                 # span both, so move first (in the received dtype), then cast on the serving devices
                 shardings = self._stacked_shardings
                 if isinstance(new, PerLayerParams):
-                    shardings = split_layers(shardings, self.arch.num_layers, _slice_sharding)
+                    shardings = split_layers(shardings, self.arch.num_layers, layer_sharding)
                 new = jax.device_put(new, shardings)
             self.params = self._refresh_jit(new, self.params if self._owns_copy else self._blank_jit())
             self._owns_copy = True
@@ -552,11 +552,6 @@ class RolloutEngine(engine_api.Engine):
                     x.delete()
             self.params = jax.device_put(host, self._param_shardings)
             self._owns_copy = True
-
-
-def _slice_sharding(sharding: NamedSharding, i: int) -> NamedSharding:
-    """The sharding of layer i's slice of a stacked leaf: the leading ``layers`` dim dropped."""
-    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
 
 
 def decode_windows(block: int, max_len: int) -> list[int]:
