@@ -349,10 +349,9 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
         # still non-finite now. One read of the parameters per update, outside the loop: inside it, a read of
         # the new parameters (or of the Adam updates, for a norm) cost 6-10% of a 1 x 128 step of the 0.5B
         # shape on a 2-core CPU, and XLA copied the old parameters to keep them alive next to the new ones.
-        params_ok = all_finite(params)
-    flags = {f"{what}/nonfinite": jnp.maximum(jnp.max(metrics.pop(f"{what}/nonfinite")),
-                                              1.0 - params_ok.astype(jnp.float32)),  # any step
-             f"{what}/nonfinite_params": 1.0 - params_ok.astype(jnp.float32)}
+        bad_params = 1.0 - all_finite(params).astype(jnp.float32)
+    flags = {f"{what}/nonfinite": jnp.maximum(jnp.max(metrics.pop(f"{what}/nonfinite")), bad_params),  # any step
+             f"{what}/nonfinite_params": bad_params}
     metrics = finalize_metrics(jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
     metrics.update(flags)
     return state.replace(params=params, opt_state=opt_state, step=step), metrics
