@@ -31,8 +31,8 @@ compiled once; the engine's first placement runs the same program on a blank cop
 nothing). Layers: stacked ``[layers, ...]`` arrays for the layer scan (TPU), or one array per layer
 (``orz_jax.models.layer_layout.PerLayerParams``, CPU / GPU: XLA there copies a layer's slice of a stacked weight
 before its matmul, see ``RolloutConfig.serving_layers``). Numbers: the trainer's forward casts every parameter to
-``dtype`` before using it (norm scales and biases included; the embedding rows after the lookup, which commutes with the cast), so casting
-them ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
+``dtype`` before using it (norm scales and biases included; the embedding rows after the lookup, which commutes
+with the cast), so casting them ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
 have the serving dtype and layout (a float32 model on one device: stacked with ``serving_layers: stacked``, or a
 CPU run's per-layer train state, ``ppo.train_layers``, with ``per_layer``) the cast is the identity and the engine
 *shares* them instead of holding a second copy: the trainer donates its buffers in
