@@ -26,18 +26,18 @@ Weight sync: the engine serves its *own copy* of the policy: every floating leaf
 (``model.dtype``, bfloat16 on TPU), placed with the serving layout (``orz_jax.sharding.SERVING_RULES``: heads /
 kv_heads / mlp / vocab on ``tensor``, nothing on ``fsdp``), so a decode step reads half the bytes of the float32
 training weights and gathers none of them over the mesh. :meth:`RolloutEngine.update_params` refreshes the copy with
-one jitted cast-and-reshard from the layout it receives, donating the old copy's buffers (refreshed in place,
-compiled once; the engine's first placement runs the same program on a blank copy, so the first refresh compiles
-nothing). Layers: stacked ``[layers, ...]`` arrays for the layer scan (TPU), or one array per layer
+one jitted cast-and-reshard from the layout it receives, donating the old copy's buffers (refreshed in place, compiled
+once; the engine's first placement runs the same program on a blank copy, so the first refresh compiles nothing).
+Layers: stacked ``[layers, ...]`` arrays for the layer scan (TPU), or one array per layer
 (``orz_jax.models.layer_layout.PerLayerParams``, CPU / GPU: XLA there copies a layer's slice of a stacked weight
 before its matmul, see ``RolloutConfig.serving_layers``). Numbers: the trainer's forward casts every parameter to
-``dtype`` before using it (norm scales and biases included; the embedding rows after the lookup, which commutes
-with the cast), so casting them ahead of time gives the sampler the very values the trainer computes with. When the received parameters already
-have the serving dtype and layout (a float32 model on one device: stacked with ``serving_layers: stacked``, or a
-CPU run's per-layer train state, ``ppo.train_layers``, with ``per_layer``) the cast is the identity and the engine
-*shares* them instead of holding a second copy: the trainer donates its buffers in
-each update, which deletes the engine's too, and then any use before the next ``update_params`` fails loudly ("Array
-has been deleted"), it cannot read stale weights; the PPO loop calls ``update_params`` after every update.
+``dtype`` before using it (norm scales and biases included; the embedding rows after the lookup, which commutes with
+the cast), so casting them ahead of time gives the sampler the very values the trainer computes with. When the
+received parameters already have the serving dtype and layout (a float32 model on one device: stacked with
+``serving_layers: stacked``, or a CPU run's per-layer train state, ``ppo.train_layers``, with ``per_layer``) the cast
+is the identity and the engine *shares* them instead of holding a second copy: the trainer donates its buffers in each
+update, which deletes the engine's too, and then any use before the next ``update_params`` fails loudly ("Array has
+been deleted"), it cannot read stale weights; the PPO loop calls ``update_params`` after every update.
 """
 
 from __future__ import annotations
