@@ -5,6 +5,9 @@
 * ``orz_jax.models.layer_scan._loop_variant``: each layer's weights with an integer 0 that XLA cannot prove
   is 0 added to their bits (so the compute-dtype cast is not hoisted over the whole stack); it must be the
   identity, bit for bit (a float ``w * 1`` is not: XLA:CPU flushes subnormals).
+* ``orz_jax.ppo.train.clip_by_global_norm``: the gradients times one scalar, so that XLA fuses the clip into
+  AdamW's moment updates instead of keeping the clipped gradients as a second full-size buffer; it must clip as
+  ``optax.clip_by_global_norm`` does.
 
 The accumulated gradients themselves are pinned by the existing tests (tests/test_ppo_train.py against unpacked
 rows, tests/test_sequence_parallel.py: in place vs plain bitwise, and both against float64 on a mesh).
@@ -15,9 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+from orz_jax.config import ArchConfig, OptimConfig, PPOConfig
 from orz_jax.models.layer_scan import _loop_variant
-from orz_jax.ppo.train import row_part, split_rows
+from orz_jax.models.transformer import CausalLM
+from orz_jax.ppo import train as ppo_train
+from orz_jax.ppo.packing import PackedBatch
+from orz_jax.ppo.train import clip_by_global_norm, row_part, split_rows
 
 from conftest import run_with_devices
 
@@ -74,3 +83,51 @@ def test_loop_variant_is_the_identity_bit_for_bit():
     for k in params:
         a, b = np.asarray(params[k]), np.asarray(out[k])
         np.testing.assert_array_equal(b.view(np.uint8), a.view(np.uint8), err_msg=k)
+
+
+def test_clip_by_global_norm_against_float64_and_optax():
+    """Reference: g * min(1, c / ||g||) in float64 by hand, and optax's clip. Below the bound the gradients pass
+    bit for bit; above it both clips are within a few float32 ulps of float64; a NaN norm gives NaN as optax."""
+    rng = np.random.default_rng(0)
+    g = {"w": rng.normal(size=(37, 5)).astype(np.float32), "b": rng.normal(size=11).astype(np.float32)}
+    norm64 = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))  # ~ 13.9
+    ours = jax.jit(lambda g, c: clip_by_global_norm(c).update(g, optax.EmptyState())[0])
+    theirs = jax.jit(lambda g, c: optax.clip_by_global_norm(c).update(g, optax.EmptyState())[0])
+    unclipped = ours(g, 1e3)
+    for k in g:
+        np.testing.assert_array_equal(np.asarray(unclipped[k]), g[k])
+    for c in (0.5, 7.0):
+        a, b = ours(g, c), theirs(g, c)
+        for k in g:
+            ref = g[k].astype(np.float64) * (c / norm64)
+            for got in (a[k], b[k]):
+                np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=8 * 2.0 ** -23, atol=0)
+    bad = dict(g, b=np.full(11, np.nan, np.float32))
+    assert all(np.isnan(np.asarray(x)).all() for x in jax.tree.leaves(ours(bad, 1.0)))
+    assert all(np.isnan(np.asarray(x)).all() for x in jax.tree.leaves(theirs(bad, 1.0)))
+
+
+def test_actor_step_keeps_no_clipped_copy_of_the_gradients(monkeypatch):
+    """The compiled actor step (the CPU trainer's per-layer train state) holds at least half the parameters'
+    bytes less in temporaries than the same step with optax's clip, whose clipped gradients XLA keeps as a
+    buffer: here 0.76 x the parameters; the 0.5B shape on a 2-core CPU: 3.99 -> 2.04 GB (0.98 x)."""
+    arch = ArchConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2)
+    opt = OptimConfig(lr=1e-3, warmup_steps=0)
+    ppo = PPOConfig(actor=opt, critic=opt, actor_steps_per_batch=1, micro_batch_rows=1, pack_len=16)
+    z = jnp.zeros((1, 16), jnp.float32)
+    batch = PackedBatch(tokens=jnp.ones((1, 16), jnp.int32), positions=jnp.arange(16, dtype=jnp.int32)[None],
+                        segment_ids=jnp.ones((1, 16), jnp.int32), loss_mask=jnp.ones((1, 16)), old_logprobs=z,
+                        old_values=z, advantages=z, returns=z)
+    model = CausalLM(arch, dtype=jnp.float32, param_dtype=jnp.float32, remat="none", rngs=nnx.Rngs(0))
+    state = ppo_train.create_train_state(model, opt, layers="per_layer")
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+
+    def temp_bytes():
+        step = ppo_train.PPOFunctions.build(ppo).actor_step
+        return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    ours = temp_bytes()
+    monkeypatch.setattr(ppo_train, "clip_by_global_norm", optax.clip_by_global_norm)
+    with_optax = temp_bytes()
+    assert with_optax - ours >= 0.5 * param_bytes, (ours, with_optax, param_bytes)

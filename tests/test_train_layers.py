@@ -88,12 +88,24 @@ def test_per_layer_state_programs_equal_stacked(models, stepped):
     assert jax.tree.structure(per) == jax.tree.structure(ref)
     start = _leaves(nnx.state(models[0], nnx.Param))
     assert max(np.abs(a - b).max() for a, b in zip(_leaves(ref[0]), start)) > 0.5 * OPT.lr  # Adam moved them
-    for a, b in zip(_leaves(per), _leaves(ref)):
-        # Adam moves each weight by <= ~lr per step: agree to 0.1% of that (moments: to float32 rounding)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(per[0])]
+    for path, a, b, a0 in zip(paths, _leaves(per[0]), _leaves(ref[0]), start):
+        if "k_bias" in path:
+            # The key bias's exact gradient is 0 (softmax over the keys is invariant to adding q . b_k to every
+            # score): in float32 it is rounding noise, which Adam normalises into steps of up to lr of either
+            # sign, so no two programs need agree on it (the layouts differ by up to 1.2e-3 lr in a few entries,
+            # depending on XLA's fusions). Both must keep within Adam's bound of lr per step instead.
+            steps = int(s["actor"].step)
+            assert max(np.abs(a - a0).max(), np.abs(b - a0).max()) <= steps * OPT.lr * (1 + 1e-3), path
+            continue
+        # Adam moves each weight by <= ~lr per step: agree to 0.1% of that
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * OPT.lr, err_msg=path)
+    for a, b in zip(_leaves(per[1]), _leaves(ref[1])):  # Adam moments: to float32 rounding
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * OPT.lr)
     # TrainState.module() gives the stacked model either way
-    for a, b in zip(_leaves(nnx.state(p["actor"].module(), nnx.Param)), _leaves(s["actor"].params)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * OPT.lr)
+    for st, want in ((p["actor"], per[0]), (s["actor"], ref[0])):
+        for a, b in zip(_leaves(nnx.state(st.module(), nnx.Param)), _leaves(want)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_checkpoints_are_stacked_and_resume_in_either_layout(tmp_path, models, stepped):
