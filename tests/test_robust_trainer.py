@@ -383,8 +383,11 @@ def test_all_finite_flags_every_nonfinite_value_and_no_finite_one():
             "n": np.arange(4, dtype=np.int32)}
     check = jax.jit(all_finite)
     assert bool(check(tree))
-    huge = dict(tree, w=np.full((3, 5), np.finfo(np.float32).max))  # finite: a norm would overflow, this must not
+    # finite, but its sum (all_finite's first read) overflows: the exact check must clear it
+    huge = dict(tree, w=np.full((3, 5), np.finfo(np.float32).max))
     assert bool(check(huge))
+    assert not bool(check(dict(huge, b=tree["b"].at[0].set(np.nan))))  # ... and still catch a NaN elsewhere
+    assert not bool(check(dict(tree, w=np.array([np.inf, -np.inf], np.float32))))  # a sum of NaN, not of 0
     for v in (np.nan, np.inf, -np.inf):
         w = tree["w"].copy()
         w[1, 2] = v

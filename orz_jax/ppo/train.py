@@ -377,13 +377,22 @@ def _update(state: TrainState, batch: PackedBatch, *, loss_fn, steps: int, cfg: 
 def all_finite(tree: Any) -> jax.Array:
     """Whether every entry of every floating leaf of ``tree`` is finite -> bool [].
 
-    As one float sum of ``x * 0`` per leaf (0 for a finite x, NaN for NaN or +-Inf): a plain float reduction,
-    which cannot overflow, unlike a norm (finite 1e20 entries square past float32). A boolean
-    ``all(isfinite(x))`` lowers to an is-finite pass plus a reduce-window on XLA:CPU: ~0.8 s for the 0.5B
-    shape's parameters in a profile on a 2-core CPU."""
-    zero = sum(jnp.sum(a.astype(jnp.float32) * 0) for a in jax.tree.leaves(tree)
-               if jnp.issubdtype(a.dtype, jnp.floating))
-    return jnp.isfinite(zero)
+    First each leaf's plain sum: it is NaN or Inf whenever an entry is, and a bare sum is the cheapest read of
+    the leaf (XLA:CPU's reduction kernel takes it without an elementwise pass). A non-finite sum can also be an
+    overflow of finite entries (near the float32 maximum), so only then the exact check runs (``lax.cond``): a float sum of
+    ``x * 0``, 0 for finite entries and NaN for NaN or +-Inf, which cannot overflow. (A boolean
+    ``all(isfinite(x))`` lowers to an is-finite pass plus a reduce-window on XLA:CPU, ~0.8 s for the 0.5B shape's
+    parameters on a 2-core CPU, and ``x * 0`` before the sum cost ~0.1 s more than the bare sum in the actor step.)
+    """
+    leaves = [a for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if not leaves:
+        return jnp.asarray(True)
+    sums = sum(jnp.sum(a, dtype=jnp.float32) * 0 for a in leaves)  # NaN iff some leaf's sum is not finite
+
+    def exact(leaves):
+        return jnp.isfinite(sum(jnp.sum(a.astype(jnp.float32) * 0) for a in leaves))
+
+    return jax.lax.cond(jnp.isfinite(sums), lambda _: jnp.asarray(True), exact, leaves)
 
 
 def _loss_key(metrics: dict, what: str) -> str:
